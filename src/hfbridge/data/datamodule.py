@@ -1,0 +1,193 @@
+"""A Lightning ``DataModule`` for causal-LM fine-tuning from files or in-memory records."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from hfbridge.data.collators import PaddedCollator, StepTokenCounter
+from hfbridge.data.formats import (
+    FORMATS,
+    DataFormatError,
+    TokenizedSample,
+    check_record,
+    detect_format,
+    tokenize_record,
+)
+from hfbridge.data.sources import DataSourceError, read_records
+
+log = logging.getLogger(__name__)
+
+DataArg = str | Path | Sequence[dict] | None
+
+
+def load_records(data: str | Path | Sequence[dict], fmt: str = "auto", split: str | None = None) -> tuple[list[dict], str]:
+    """Read and check every record of ``data`` (a path or a list of dicts) for format ``fmt``.
+
+    ``fmt="auto"`` detects the format from the first record. Every record is checked, so a bad one anywhere in
+    the file is reported with its file and line before any model is loaded.
+    """
+    if isinstance(data, (str, Path)):
+        rows = read_records(data, split=split)
+    else:
+        rows = [(f"record {i}", r) for i, r in enumerate(data)]
+        if not rows:
+            raise DataSourceError("the data set is empty")
+    if fmt == "auto":
+        where, first = rows[0]
+        try:
+            fmt = detect_format(first)
+        except DataFormatError as e:
+            raise DataFormatError(f"{where}: {e}") from None
+    elif fmt not in FORMATS:
+        raise DataFormatError(f"unknown data format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
+    for where, record in rows:
+        check_record(record, fmt, where)
+    return [r for _, r in rows], fmt
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on ``(seed, epoch)``, optionally sharded over data-parallel ranks.
+
+    Every rank sees ``ceil(n / num_replicas)`` indices (padded by wrapping, as ``DistributedSampler`` does).
+    """
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = len(self) * self.num_replicas
+        order = (order * math.ceil(total / max(len(order), 1)))[:total]
+        return iter(order[self.rank : total : self.num_replicas])
+
+
+class CausalLMDataModule(pl.LightningDataModule):
+    """Tokenize records into next-token samples and serve padded batches.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (its pad token is set to EOS if it has none).
+        train_data: a data file/folder path, or a list of records.
+        val_data: same, optional; or give ``val_fraction`` to hold out part of ``train_data``.
+        data_format: ``auto``, ``text``, ``prompt_completion`` or ``messages``.
+        max_length: inputs longer than this many tokens are truncated (counted and logged).
+        batch_size: micro-batch size; gradient accumulation is the Trainer's ``accumulate_grad_batches``.
+        seed: the shuffling (and hold-out) seed; the order depends only on the seed and the epoch.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        train_data: DataArg,
+        val_data: DataArg = None,
+        data_format: str = "auto",
+        max_length: int | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        val_fraction: float = 0.0,
+        seed: int = 42,
+        num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.train_records, self.data_format = load_records(train_data, data_format)
+        self.val_records = None
+        if val_data is not None:
+            self.val_records, _ = load_records(val_data, self.data_format)
+        elif val_fraction > 0:
+            g = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(self.train_records), generator=g).tolist()
+            n_val = max(1, int(len(order) * val_fraction))
+            self.val_records = [self.train_records[i] for i in order[:n_val]]
+            self.train_records = [self.train_records[i] for i in sorted(order[n_val:])]
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.collator = PaddedCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+        self.train_samples: list[TokenizedSample] | None = None
+        self.val_samples: list[TokenizedSample] | None = None
+
+    def _tokenize(self, records: list[dict], split: str) -> list[TokenizedSample]:
+        samples = [tokenize_record(self.tokenizer, r, self.data_format, self.max_length) for r in records]
+        truncated = sum(s.truncated for s in samples)
+        if truncated:
+            log.warning(
+                "%s: %d of %d samples were longer than max_length=%s tokens and were truncated",
+                split, truncated, len(samples), self.max_length,
+            )
+        kept = [s for s in samples if s.num_label_tokens > 0]
+        if len(kept) < len(samples):
+            log.warning("%s: %d samples have no trained token left and were dropped", split, len(samples) - len(kept))
+        if not kept:
+            raise DataSourceError(f"{split}: no sample has a token to train on")
+        return kept
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_samples is None:
+            self.train_samples = self._tokenize(self.train_records, "train")
+        if self.val_records is not None and self.val_samples is None:
+            self.val_samples = self._tokenize(self.val_records, "validation")
+
+    def _dp_rank_and_size(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        strategy = trainer.strategy
+        # Model-parallel strategies shard data over the data-parallel ranks only.
+        rank = getattr(strategy, "data_parallel_rank", None)
+        size = getattr(strategy, "data_parallel_size", None)
+        if rank is None or size is None:
+            rank, size = trainer.global_rank, trainer.world_size
+        return rank, size
+
+    def _accumulate(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.accumulate_grad_batches if trainer is not None else 1
+
+    def train_dataloader(self):
+        self.setup("fit")
+        rank, size = self._dp_rank_and_size()
+        sampler = EpochShuffleSampler(len(self.train_samples), self.seed, True, size, rank)
+        loader = DataLoader(
+            self.train_samples, batch_size=self.batch_size, sampler=sampler,
+            collate_fn=self.collator, num_workers=self.num_workers,
+        )
+        return StepTokenCounter(loader, self._accumulate())
+
+    def val_dataloader(self):
+        self.setup("validate")
+        if not self.val_samples:
+            return []
+        rank, size = self._dp_rank_and_size()
+        sampler = EpochShuffleSampler(len(self.val_samples), self.seed, False, size, rank)
+        return DataLoader(
+            self.val_samples, batch_size=self.val_batch_size, sampler=sampler,
+            collate_fn=self.collator, num_workers=self.num_workers,
+        )

@@ -1,0 +1,97 @@
+"""Losses for causal language models.
+
+Label convention (the one place it is decided): every batch hfbridge builds carries ``labels`` that are already
+aligned with ``input_ids`` as next-token targets, i.e. ``labels[:, t]`` is the token the model must predict after
+reading ``input_ids[:, : t + 1]``. The shift happens once, in :func:`hfbridge.data.formats.shift_for_causal_lm`,
+per sample and before any padding or packing, so that a sample boundary is never trained across. The losses here
+therefore never shift.
+
+Positions that are not trained carry the label ``IGNORE_INDEX`` (-100) and/or a 0 in ``loss_mask``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _valid_mask(targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    valid = targets != IGNORE_INDEX
+    if mask is not None:
+        if mask.shape != targets.shape:
+            raise ValueError(f"loss_mask has shape {tuple(mask.shape)} but labels have {tuple(targets.shape)}")
+        valid = valid & mask.bool()
+    return valid
+
+
+def count_label_tokens(targets: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+    """Number of positions that contribute to the loss (label != -100 and mask != 0)."""
+    return int(_valid_mask(targets, mask).sum())
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy over the positions that are trained.
+
+    Args:
+        logits: ``[..., vocab]`` scores, aligned with ``targets`` (no shift is applied here).
+        targets: ``[...]`` token ids; ``-100`` marks positions that are never trained.
+        mask: optional ``[...]`` 0/1 (or bool) loss mask; 0 excludes a position.
+        reduction: ``"mean"`` (over trained positions, the seed's behaviour) or ``"sum"``.
+
+    Returns:
+        A scalar. With ``"mean"`` and no trained position it is 0 (with a graph), never NaN.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    valid = _valid_mask(targets, mask)
+    flat_logits = logits.reshape(-1, logits.size(-1))
+    flat_targets = torch.where(valid, targets, torch.zeros_like(targets)).reshape(-1)
+    per_token = F.cross_entropy(flat_logits.float(), flat_targets, reduction="none")
+    per_token = per_token * valid.reshape(-1)
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``masked_cross_entropy(hidden @ weight.T, targets, mask)`` without materialising all logits at once.
+
+    Only trained positions are projected, ``chunk_size`` of them at a time, each chunk under activation
+    checkpointing so that its logits are recomputed in backward instead of being kept. Peak memory for the
+    logits drops from ``tokens x vocab`` to ``chunk_size x vocab``; loss and gradients are the same.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    valid = _valid_mask(targets, mask).reshape(-1)
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))[valid]
+    flat_targets = targets.reshape(-1)[valid]
+    # Starts at 0 with a graph, so that a batch with nothing to train still backpropagates (zeros).
+    total = 0.0 * (hidden.sum() + weight.sum()).float()
+
+    def _chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, weight, bias).float()
+        return F.cross_entropy(logits, t, reduction="sum")
+
+    for start in range(0, flat_targets.numel(), chunk_size):
+        h = flat_hidden[start : start + chunk_size]
+        t = flat_targets[start : start + chunk_size]
+        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, h, t, use_reentrant=False)
+    if reduction == "sum":
+        return total
+    return total / max(int(flat_targets.numel()), 1)
