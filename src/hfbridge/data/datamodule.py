@@ -133,6 +133,9 @@ class CausalLMDataModule(pl.LightningDataModule):
         self.collator = PaddedCollator(tokenizer.pad_token_id, pad_to_multiple_of)
         self.train_samples: list[TokenizedSample] | None = None
         self.val_samples: list[TokenizedSample] | None = None
+        if self.val_records:
+            # Lightning runs validation only where a val_dataloader is defined, so define it only with data.
+            self.val_dataloader = self._val_dataloader
 
     def _tokenize(self, records: list[dict], split: str) -> list[TokenizedSample]:
         samples = [tokenize_record(self.tokenizer, r, self.data_format, self.max_length) for r in records]
@@ -181,10 +184,8 @@ class CausalLMDataModule(pl.LightningDataModule):
         )
         return StepTokenCounter(loader, self._accumulate())
 
-    def val_dataloader(self):
+    def _val_dataloader(self):
         self.setup("validate")
-        if not self.val_samples:
-            return []
         rank, size = self._dp_rank_and_size()
         sampler = EpochShuffleSampler(len(self.val_samples), self.seed, False, size, rank)
         return DataLoader(

@@ -162,7 +162,7 @@ def _tokens_messages(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     trained = []
-    for start, end in encoding["offset_mapping"]:
+    for _start, end in encoding["offset_mapping"]:
         # A token is trained if it ends inside an assistant span (tokens may carry a leading space).
         trained.append(any(s < end <= e for s, e in spans))
     return ids, trained

@@ -117,6 +117,10 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             return
         if isinstance(self.model_name, nn.Module):
             model = self.model_name
+            if not _is_hf_model(model):  # a native module: give it the Hugging Face API
+                from hfbridge.adapters import to_hf_api
+
+                model = to_hf_api(model, self._tokenizer)
             self.is_hf_model = _is_hf_model(model)
         else:
             model = loading.load_pretrained_model(
@@ -145,12 +149,14 @@ class HFAutoModelForCausalLM(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- forward
     def _model_forward_keys(self) -> set[str] | None:
+        """The named arguments of the model's ``forward`` (``None``: it takes only ``*args/**kwargs``)."""
         if self._forward_keys is None:
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             params = inspect.signature(base.forward).parameters.values()
-            if any(p.kind == p.VAR_KEYWORD for p in params):
+            named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+            if not named:
                 return None
-            self._forward_keys = {p.name for p in params}
+            self._forward_keys = named
         return self._forward_keys
 
     def _remove_extra_batch_keys(self, batch: dict, reserved_keys: Sequence[str] = ("labels", "loss_mask")) -> dict:

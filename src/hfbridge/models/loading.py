@@ -309,3 +309,25 @@ def load_tokenizer(model_name: str | os.PathLike, trust_remote_code: bool = Fals
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_for_inference(model_name: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
+                       trust_remote_code: bool = False):
+    """``(model, tokenizer)`` in eval mode from a model name, or from a peft adapter folder (its base model is
+    loaded first, from the path the adapter records)."""
+    if is_adapter_dir(model_name):
+        from peft import PeftConfig, PeftModel
+
+        base_name = PeftConfig.from_pretrained(str(model_name)).base_model_name_or_path
+        base = load_pretrained_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(model_name))
+        tokenizer_source = model_name if (Path(model_name) / "tokenizer_config.json").exists() else base_name
+    else:
+        model = load_pretrained_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer_source = model_name
+    model.eval()
+    return model, load_tokenizer(tokenizer_source, trust_remote_code)

@@ -1,0 +1,5 @@
+import sys
+
+from hfbridge.cli import main
+
+sys.exit(main())

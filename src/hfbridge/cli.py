@@ -1,0 +1,143 @@
+"""The ``hfbridge`` command line.
+
+    hfbridge finetune [--model M] [--data train.jsonl] [--output DIR] ...   fine-tune (LoRA by default)
+    hfbridge generate --model DIR --prompt "..." [--prompt ...]            generate with a saved model
+    hfbridge demo-data --output DIR                                         write the bundled demo task
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from hfbridge.data.formats import FORMATS
+from hfbridge.models.loading import EMBEDDED_NAME
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a causal LM (default: the embedded SmolLM2 on the demo task)")
+    p.add_argument("--model", default=EMBEDDED_NAME, help="hub id, local folder, .gguf file or the embedded alias")
+    p.add_argument("--data", help="training data: .jsonl, .csv, .parquet or a datasets folder (default: demo task)")
+    p.add_argument("--val-data", help="validation data (loss only)")
+    p.add_argument("--test-data", help="held-out records scored by exact match before and after training")
+    p.add_argument("--format", dest="data_format", default="auto", choices=["auto", *FORMATS])
+    p.add_argument("--output", default="runs/finetune", help="output folder (refused if not empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate inputs to this many tokens (default: 512, or the model's context if shorter)")
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning instead of LoRA")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="all-linear", help="'all-linear' or comma-separated module names")
+    p.add_argument("--load-in-4bit", action="store_true", help="NF4 weights via bitsandbytes (QLoRA with LoRA)")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-samples", type=int, default=100, help="held-out records to score")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--demo-train-size", type=int, default=400)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate with a saved model (batched, left-padded)")
+    p.add_argument("--model", required=True, help="a model folder, adapter folder, .gguf file or hub id")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--system", help="a system message (chat models)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo-data", help="write the bundled date-normalisation task as JSONL")
+    p.add_argument("--output", required=True)
+    p.add_argument("--train-size", type=int, default=400)
+    p.add_argument("--test-size", type=int, default=100)
+    p.add_argument("--format", dest="data_format", default="messages", choices=["messages", "prompt_completion"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfbridge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _finetune_parser(sub)
+    _generate_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def cmd_finetune(args) -> int:
+    from hfbridge.finetune import FinetuneConfig, run_finetune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "func")}
+    if isinstance(options.get("lora_targets"), str) and options["lora_targets"] != "all-linear":
+        options["lora_targets"] = [t.strip() for t in options["lora_targets"].split(",") if t.strip()]
+    run_finetune(FinetuneConfig(**options))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from hfbridge.generation import generate
+    from hfbridge.models.loading import load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
+    use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
+    prompts = []
+    for text in args.prompt:
+        if use_chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompts.append([*messages, {"role": "user", "content": text}])
+        else:
+            prompts.append(text)
+    kwargs = {"do_sample": True, "temperature": args.temperature} if args.sample else {}
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       **kwargs)
+    for text, out in zip(args.prompt, outputs):
+        print(f"> {text}\n{out}\n")
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from hfbridge.data.demo import write_demo_data
+
+    train, test = write_demo_data(args.output, args.train_size, args.test_size, args.seed, args.data_format)
+    print(f"wrote {train} and {test}")
+    return 0
+
+
+COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "demo-data": cmd_demo_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(levelname)s: %(message)s"
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, KeyError) as e:
+        if args.verbose:
+            raise
+        print(f"hfbridge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The fine-tuning job behind ``hfbridge finetune``: check everything, load, score, train, score, save.
+
+Everything cheap is checked before the model is loaded: the output folder, every data record, the model's
+files and context length, bitsandbytes for 4-bit. The run writes into a hidden temporary folder beside the
+output folder, renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from hfbridge.data.datamodule import CausalLMDataModule, load_records
+from hfbridge.data.demo import write_demo_data
+from hfbridge.io import atomic_dir, check_output_dir
+from hfbridge.models import loading
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """All settings of a fine-tuning run (the command line's options)."""
+
+    model: str = loading.EMBEDDED_NAME
+    data: str | None = None  # None: the bundled date-normalisation demo task
+    val_data: str | None = None
+    test_data: str | None = None  # held-out records scored by exact match before and after
+    data_format: str = "auto"
+    output: str = "runs/finetune"
+    overwrite: bool = False
+    max_length: int | None = None  # None: 512 or the model's context, whichever is shorter
+    batch_size: int = 8
+    accumulate: int = 1
+    epochs: int = 1
+    max_steps: int = -1
+    lr: float | None = None
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | str = "all-linear"
+    load_in_4bit: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    eval_samples: int = 100
+    max_new_tokens: int = 24
+    show_samples: int = 5
+    demo_train_size: int = 400
+    trust_remote_code: bool = False
+    progress_bar: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    before: float | None
+    after: float | None
+    train_seconds: float
+    samples: list[dict]
+
+
+def _say(message: str) -> None:
+    print(f"[hfbridge] {message}", flush=True)
+
+
+def check_inputs(cfg: FinetuneConfig) -> None:
+    """Every check that needs no model weights."""
+    check_output_dir(cfg.output, cfg.overwrite)
+    for name, value in (("batch_size", cfg.batch_size), ("accumulate", cfg.accumulate), ("epochs", cfg.epochs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {cfg.max_length}")
+    if cfg.load_in_4bit:
+        loading.require_bitsandbytes()
+
+
+def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from hfbridge.evaluation import exact_match
+    from hfbridge.models.causal_lm import HFAutoModelForCausalLM
+    from hfbridge.optim import OptimizerConfig
+    from hfbridge.peft import LoRA, trainable_parameters
+    from hfbridge.reporting import plot_loss_curve
+
+    check_inputs(cfg)
+    output = Path(cfg.output)
+    with atomic_dir(output, overwrite=cfg.overwrite) as work:
+        # 1. Data: read and check every record before any weights are loaded.
+        train_path, val_path, test_path = cfg.data, cfg.val_data, cfg.test_data
+        if train_path is None:
+            train_path, demo_test = write_demo_data(work / "data", n_train=cfg.demo_train_size, seed=cfg.seed)
+            test_path = test_path or demo_test
+            _say(f"no --data given: using the bundled date-normalisation task ({cfg.demo_train_size} train records)")
+        train_records, fmt = load_records(train_path, cfg.data_format)
+        val_records = load_records(val_path, fmt)[0] if val_path else None
+        test_records = load_records(test_path, fmt)[0][: cfg.eval_samples] if test_path else None
+        if test_records is not None and fmt == "text":
+            _say("the 'text' format has no prompt/answer pairs: skipping the exact-match evaluation")
+            test_records = None
+
+        # 2. The model's files and context, still without weights.
+        model_path = loading.resolve_model_path(cfg.model, cfg.trust_remote_code)
+        model_config = loading.load_config(model_path, cfg.trust_remote_code)
+        loading.check_max_length(cfg.max_length, model_config, "--max-length")
+        max_length = cfg.max_length or min(512, loading.context_length(model_config) or 512)
+
+        # 3. Load.
+        pl.seed_everything(cfg.seed, verbose=False)
+        transform = None
+        if cfg.lora:
+            transform = LoRA(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
+        module = HFAutoModelForCausalLM(
+            model_name=str(model_path), model_transform=transform, load_in_4bit=cfg.load_in_4bit,
+            default_dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+            optim=OptimizerConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, schedule=cfg.schedule),
+        )
+        t0 = time.time()
+        module.configure_model()
+        trainable, total = trainable_parameters(module.model)
+        _say(f"loaded {cfg.model} in {time.time() - t0:.1f}s: {total / 1e6:.1f}M parameters, "
+             f"{trainable / 1e6:.2f}M trainable ({'LoRA' if cfg.lora else 'full fine-tuning'})")
+        tokenizer = module.tokenizer
+        datamodule = CausalLMDataModule(
+            tokenizer, train_records, val_records, data_format=fmt, max_length=max_length,
+            batch_size=cfg.batch_size, seed=cfg.seed,
+        )
+
+        def score(label: str) -> float | None:
+            if not test_records:
+                return None
+            t = time.time()
+            result = exact_match(module.model, tokenizer, test_records, fmt, max_new_tokens=cfg.max_new_tokens)
+            _say(f"exact match {label} fine-tuning: {result.accuracy:.1%} on {len(test_records)} held-out records "
+                 f"({time.time() - t:.0f}s)")
+            return result.accuracy
+
+        before = score("before")
+
+        # 4. Train.
+        logger = CSVLogger(save_dir=str(work), name="", version="")
+        trainer = pl.Trainer(
+            max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
+            gradient_clip_val=module.optim.max_grad_norm, logger=logger, log_every_n_steps=1,
+            enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
+            num_sanity_val_steps=0, default_root_dir=str(work),
+        )
+        t0 = time.time()
+        trainer.fit(module, datamodule)
+        train_seconds = time.time() - t0
+        _say(f"trained {trainer.global_step} optimizer steps in {train_seconds:.0f}s")
+
+        # 5. Score again and show samples.
+        after = score("after")
+        samples = []
+        if test_records:
+            from hfbridge.data.formats import prompt_and_reference
+            from hfbridge.generation import generate
+
+            shown = test_records[: cfg.show_samples]
+            pairs = [prompt_and_reference(r, fmt) for r in shown]
+            predictions = generate(module.model, tokenizer, [p for p, _ in pairs], max_new_tokens=cfg.max_new_tokens)
+            for (prompt, reference), prediction in zip(pairs, predictions):
+                question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+                samples.append({"prompt": question, "reference": reference, "prediction": prediction})
+                _say(f"  {question!r} -> {prediction!r} (reference {reference!r})")
+
+        # 6. Save: the model loadable by plain transformers, and the adapter alone when there is one.
+        metrics_csv = work / "metrics.csv"
+        if metrics_csv.exists():
+            plot_loss_curve(metrics_csv, work / "loss_curve.png")
+        if cfg.lora and not cfg.load_in_4bit:
+            module.save_pretrained(work / "adapter")
+            module.save_pretrained(work / "model", merged=True)
+        elif cfg.lora:
+            module.save_pretrained(work / "adapter")
+        else:
+            module.save_pretrained(work / "model")
+        summary = {
+            "config": asdict(cfg), "model_path": str(model_path), "format": fmt,
+            "exact_match_before": before, "exact_match_after": after,
+            "optimizer_steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
+            "samples": samples, "torch": torch.__version__,
+        }
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _say(f"saved to {output}/ (model/, {'adapter/, ' if cfg.lora else ''}metrics.csv, loss_curve.png, summary.json)")
+    return FinetuneResult(output, before, after, train_seconds, samples)
