@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from hfbridge.data.formats import FORMATS
 from hfbridge.models.loading import EMBEDDED_NAME
@@ -42,7 +43,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=100, help="held-out records to score")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per held-out answer")
     p.add_argument("--demo-train-size", type=int, default=400)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for message in (".*LeafSpec.*", ".*is_gradient_checkpointing.*", ".*have no `val_dataloader`.*"):
+        warnings.filterwarnings("ignore", message=message)  # known noise from the libraries underneath
     try:
         return COMMANDS[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, KeyError) as e:

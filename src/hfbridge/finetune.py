@@ -51,7 +51,7 @@ class FinetuneConfig:
     dtype: str = "auto"
     seed: int = 0
     eval_samples: int = 100
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     show_samples: int = 5
     demo_train_size: int = 400
     trust_remote_code: bool = False
@@ -86,6 +86,7 @@ def check_inputs(cfg: FinetuneConfig) -> None:
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     from hfbridge.evaluation import exact_match
@@ -155,6 +156,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
             gradient_clip_val=module.optim.max_grad_norm, logger=logger, log_every_n_steps=1,
             enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
             num_sanity_val_steps=0, default_root_dir=str(work),
+            callbacks=[TQDMProgressBar(refresh_rate=1)] if cfg.progress_bar else [],
         )
         t0 = time.time()
         trainer.fit(module, datamodule)

@@ -1,0 +1,51 @@
+"""JAX models converted from Hugging Face checkpoints, sharded over a device mesh (optional part).
+
+Install with ``pip install "hfbridge[jax]"``. The main entry point is
+:meth:`AutoJaxModelForCausalLM.from_pretrained`, which returns ``(module, params)``.
+Submodules are imported on first use, so ``import hfbridge.jax`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+try:
+    import jax as _jax  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised only without jax
+    raise ImportError(
+        'hfbridge.jax needs JAX, which is not installed: pip install "hfbridge[jax]" '
+        '(or pip install "jax[cpu]" optax)'
+    ) from e
+
+_EXPORTS = {
+    "AutoJaxModelForCausalLM": "hfbridge.jax.auto",
+    "UnsupportedArchitectureError": "hfbridge.jax.config",
+    "JaxLMConfig": "hfbridge.jax.config",
+    "SUPPORTED_MODEL_TYPES": "hfbridge.jax.config",
+    "PartitionAxis": "hfbridge.jax.mesh",
+    "create_mesh": "hfbridge.jax.mesh",
+    "match_partition_rules": "hfbridge.jax.rules",
+    "make_shard_fns": "hfbridge.jax.rules",
+    "shard_params": "hfbridge.jax.rules",
+    "UnmatchedParameterError": "hfbridge.jax.rules",
+    "QuantizedArray": "hfbridge.jax.quant",
+    "quantize_params": "hfbridge.jax.quant",
+    "greedy_generate": "hfbridge.jax.generate",
+    "masked_cross_entropy": "hfbridge.jax.train",
+    "make_train_step": "hfbridge.jax.train",
+    "LlamaForCausalLM": "hfbridge.jax.models.llama",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hfbridge.jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

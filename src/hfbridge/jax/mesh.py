@@ -1,0 +1,95 @@
+"""The device mesh built from ``sharding_axis_dims`` and the names of the axes activations are sharded over."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+AxisNames = str | tuple[str, ...] | None
+
+DEFAULT_AXIS_DIMS = (1, -1, 1, 1)
+DEFAULT_AXIS_NAMES = ("dp", "fsdp", "tp", "sp")
+
+
+@dataclass(frozen=True)
+class PartitionAxis:
+    """Which mesh axes shard which activation dimension (used for inputs and inside attention).
+
+    ``batch_axis`` shards the batch, ``sequence_axis`` the query sequence, ``key_sequence_axis`` the key
+    sequence (None: keys are gathered), ``head_axis`` the attention heads, ``attention_dim_axis`` the head
+    dimension.
+    """
+
+    batch_axis: AxisNames = ("dp", "fsdp")
+    sequence_axis: AxisNames = "sp"
+    key_sequence_axis: AxisNames = None
+    head_axis: AxisNames = "tp"
+    attention_dim_axis: AxisNames = None
+
+
+def devices_for(backend: str | None = None) -> list:
+    """``jax.devices(backend)``, with a clear error for a backend this machine lacks."""
+    try:
+        return list(jax.devices(backend))
+    except RuntimeError as e:
+        raise ValueError(
+            f"backend {backend!r} is not available ({e}); this machine has: {', '.join(available_backends())}"
+        ) from e
+
+
+def available_backends() -> list[str]:
+    found = []
+    for name in ("cpu", "gpu", "tpu"):
+        try:
+            jax.devices(name)
+            found.append(name)
+        except RuntimeError:
+            pass
+    return found
+
+
+def resolve_axis_dims(axis_dims: Sequence[int], n_devices: int) -> tuple[int, ...]:
+    """Replace the one ``-1`` in ``axis_dims`` so the product is ``n_devices``; raise when impossible."""
+    dims = tuple(int(d) for d in axis_dims)
+    if any(d == 0 or d < -1 for d in dims):
+        raise ValueError(f"sharding_axis_dims {dims}: each entry must be a positive int or -1")
+    free = [i for i, d in enumerate(dims) if d == -1]
+    if len(free) > 1:
+        raise ValueError(f"sharding_axis_dims {dims}: at most one -1 is allowed, found {len(free)}")
+    known = math.prod(d for d in dims if d != -1)
+    if free:
+        if n_devices % known:
+            raise ValueError(
+                f"sharding_axis_dims {dims}: the fixed dims multiply to {known}, which does not divide the "
+                f"{n_devices} available devices, so -1 cannot be inferred"
+            )
+        dims = tuple(n_devices // known if d == -1 else d for d in dims)
+    elif known != n_devices:
+        raise ValueError(
+            f"sharding_axis_dims {dims} multiply to {known} but there are {n_devices} devices; "
+            f"the product must equal the device count (or use one -1 to infer a dim)"
+        )
+    return dims
+
+
+def create_mesh(
+    axis_dims: Sequence[int] = DEFAULT_AXIS_DIMS,
+    axis_names: Sequence[str] = DEFAULT_AXIS_NAMES,
+    backend: str | None = None,
+    devices: Sequence | None = None,
+) -> Mesh:
+    """A mesh over ``devices`` (default: all devices of ``backend``) shaped by ``axis_dims`` (one -1 inferred)."""
+    axis_names = tuple(axis_names)
+    if len(axis_names) != len(tuple(axis_dims)):
+        raise ValueError(f"sharding_axis_dims {tuple(axis_dims)} and sharding_axis_names {axis_names} differ in length")
+    if len(set(axis_names)) != len(axis_names):
+        raise ValueError(f"sharding_axis_names {axis_names} repeat a name")
+    devices = list(devices) if devices is not None else devices_for(backend)
+    dims = resolve_axis_dims(axis_dims, len(devices))
+    grid = np.array(devices, dtype=object).reshape(dims)
+    return Mesh(grid, axis_names, axis_types=(AxisType.Auto,) * len(axis_names))
