@@ -166,6 +166,12 @@ def run_trainer(args) -> dict:
 RUNNERS = {"hfbridge": run_hfbridge, "transformers-Trainer": run_trainer}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (its memory and loss are reported with it)."""
+    ranked = sorted(runs, key=lambda r: r["tokens"] / r["seconds"])
+    return ranked[len(ranked) // 2]
+
+
 def child(args) -> None:
     result = RUNNERS[args.runner](args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -183,20 +189,26 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per system, alternating")
     parser.add_argument("--runner", choices=list(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default="/tmp/hfbridge-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runner:
         child(args)
         return
-    results = {}
-    for name in RUNNERS:
+    # Runs alternate (A B B A ...) so that a change in machine load over time hits both systems alike;
+    # each system's figures are the medians of its runs.
+    names = list(RUNNERS)
+    order = [n for r in range(args.repeats) for n in (names if r % 2 == 0 else names[::-1])]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for name in order:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--runner", name]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(line[len("RESULT "):])
+        runs[name].append(json.loads(line[len("RESULT "):]))
+    results = {n: _median_run(rs) for n, rs in runs.items()}
     print(f"model={args.model} mode={args.mode} steps={args.steps} (timed {args.steps - args.warmup}) "
           f"micro-batch={args.batch_size} accumulate={args.accumulate} max_length={args.max_length}")
     print(f"{'system':<22} {'label tok/s':>12} {'peak RSS MB':>12} {'final loss':>11}")
