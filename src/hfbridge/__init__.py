@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "HFAutoModelForCausalLM": "hfbridge.models.causal_lm",
+    "HFAutoModelForImageTextToText": "hfbridge.models.image_text",
     "masked_cross_entropy": "hfbridge.losses",
     "chunked_linear_cross_entropy": "hfbridge.losses",
     "LoRA": "hfbridge.peft",

@@ -13,12 +13,19 @@ import sys
 import warnings
 
 from hfbridge.data.formats import FORMATS
+from hfbridge.declarative import cli as declarative_cli
 from hfbridge.models.loading import EMBEDDED_NAME
+from hfbridge.parallel.launch import add_parallel_arguments, maybe_launch
 
 
 def _finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a causal LM (default: the embedded SmolLM2 on the demo task)")
-    p.add_argument("--model", default=EMBEDDED_NAME, help="hub id, local folder, .gguf file or the embedded alias")
+    p.add_argument("--task", default="text-generation", choices=["text-generation", "image-text-to-text"],
+                   help="text-generation (causal LMs, default) or image-text-to-text (vision-language models: chat "
+                        "records with images, see docs/vlm.md)")
+    p.add_argument("--model", default=None,
+                   help=f"hub id, local folder, .gguf file or the embedded alias (default: {EMBEDDED_NAME}; for "
+                        "image-text-to-text: tiny-random-vlm, a tiny model with random weights that shows the pipeline)")
     p.add_argument("--data", help="training data: .jsonl, .csv, .parquet or a datasets folder (default: demo task)")
     p.add_argument("--val-data", help="validation data (loss only)")
     p.add_argument("--test-data", help="held-out records scored by exact match before and after training")
@@ -29,12 +36,13 @@ def _finetune_parser(sub) -> None:
                    help="truncate inputs to this many tokens (default: 512, or the model's context if shorter)")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size")
     p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=None, help="default 1 (6 for tiny-random-vlm)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA, 2e-5 full)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
     p.add_argument("--warmup-ratio", type=float, default=0.05)
-    p.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning instead of LoRA")
+    p.add_argument("--full", dest="lora", action="store_false", default=None,
+                   help="full fine-tuning instead of LoRA (the default, except for tiny-random-vlm: full)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -47,6 +55,18 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--demo-train-size", type=int, default=400)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+    speed = p.add_argument_group("speed (see docs/benchmarks.md)")
+    speed.add_argument("--packing", choices=["auto", "on", "off"], default=None,
+                       help="padding-free packing of each micro-batch (default auto: where the model keeps samples apart)")
+    speed.add_argument("--pack-length", type=int, default=None, help="tokens per packed row (default: --max-length)")
+    speed.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false", default=None,
+                       help="compute the loss from the full tokens x vocabulary logits")
+    speed.add_argument("--activation-checkpointing", action="store_true", default=None,
+                       help="recompute activations in backward: less memory, about a third more compute")
+    speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the decoder layers")
+    speed.add_argument("--liger", action="store_true", default=None,
+                       help="Liger kernels on CUDA GPUs (needs liger-kernel; without a GPU: a warning, then PyTorch)")
+    add_parallel_arguments(p)
 
 
 def _generate_parser(sub) -> None:
@@ -79,16 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_parser(sub)
     _generate_parser(sub)
     _demo_parser(sub)
+    declarative_cli.add_parsers(sub)  # train | predict | evaluate | serve | llm-data (declarative configs)
     return parser
 
 
 def cmd_finetune(args) -> int:
     from hfbridge.finetune import FinetuneConfig, run_finetune
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "func")}
+    launched = maybe_launch(args, args._argv)  # --nproc-per-node outside torchrun: start torchrun instead
+    if launched is not None:
+        return launched
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "func", "task", "_argv")}
     if isinstance(options.get("lora_targets"), str) and options["lora_targets"] != "all-linear":
         options["lora_targets"] = [t.strip() for t in options["lora_targets"].split(",") if t.strip()]
-    run_finetune(FinetuneConfig(**options))
+    options = {k: v for k, v in options.items() if v is not None}  # options left out take the job's defaults
+    if args.task == "image-text-to-text":
+        from hfbridge.vlm_finetune import run_vlm_finetune, vlm_config
+
+        run_vlm_finetune(vlm_config(**options))
+    else:
+        run_finetune(FinetuneConfig(**options))
     return 0
 
 
@@ -121,11 +151,13 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "demo-data": cmd_demo_data}
+COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "demo-data": cmd_demo_data,
+            **declarative_cli.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="[%(name)s] %(levelname)s: %(message)s"
     )

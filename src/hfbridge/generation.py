@@ -18,14 +18,16 @@ from hfbridge.models.loading import context_length
 
 log = logging.getLogger(__name__)
 
-Prompt = str | Sequence[dict]
+Prompt = str | Sequence[dict] | Sequence[int]
 
 
 def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: a string (rendered as the ``prompt_completion`` format does) or chat messages
-    (rendered with the chat template and the assistant generation prompt)."""
+    """Token ids of a prompt: a string (rendered as the ``prompt_completion`` format does), chat messages
+    (rendered with the chat template and the assistant generation prompt), or token ids (taken as they are)."""
     if isinstance(prompt, str):
         return render_prompt(tokenizer, prompt)
+    if len(prompt) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
     text = render_chat(tokenizer, list(prompt), add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

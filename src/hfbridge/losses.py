@@ -95,3 +95,77 @@ def chunked_linear_cross_entropy(
     if reduction == "sum":
         return total
     return total / max(int(flat_targets.numel()), 1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias``, one chunk of rows at a time, with the gradients computed
+    in the forward pass (as Liger's fused kernel does): no chunk's logits are kept or recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = need_h or need_w or need_b
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for start in range(0, targets.numel(), chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not grads:
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # d(sum of losses)/d(logits) = softmax - one_hot
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            if need_h:
+                grad_h[start : start + chunk_size] = probs.to(weight.dtype) @ weight
+            if need_w:
+                grad_w += probs.T @ h.float()
+            if need_b:
+                grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        scale = grad_total
+        return (
+            None if grad_h is None else grad_h * scale.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * scale).to(w_dtype),
+            None if grad_b is None else (grad_b * scale).to(b_dtype),
+            None,
+            None,
+        )
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = 512,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``masked_cross_entropy(hidden @ weight.T + bias, targets, mask)`` without ever holding all the logits.
+
+    Only trained positions are projected, ``chunk_size`` rows at a time; each chunk's gradients are computed at
+    once and its logits dropped, so the logits of the whole batch never exist, nor are they recomputed in backward
+    (one projection fewer than :func:`chunked_linear_cross_entropy`). Loss and gradients equal the full-logits
+    ones. ``mean`` is over trained positions (0 with a graph when there are none).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    valid = _valid_mask(targets, mask).reshape(-1)
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))[valid]
+    flat_targets = targets.reshape(-1)[valid]
+    total = _LinearCrossEntropy.apply(flat_hidden, weight, bias, flat_targets, chunk_size)
+    if reduction == "sum":
+        return total
+    return total / max(int(flat_targets.numel()), 1)

@@ -8,6 +8,7 @@ peft adapter type by name (lora, dora, ia3, loha, lokr, ...).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ def is_quantized(model) -> bool:
 
 
 def is_peft_model(model) -> bool:
+    if "peft" not in sys.modules:  # no peft model can exist before peft is imported (a 10 s import)
+        return False
     try:
         from peft import PeftModel
     except ImportError:

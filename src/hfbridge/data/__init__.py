@@ -10,10 +10,11 @@ from hfbridge.data.formats import (
     shift_for_causal_lm,
     tokenize_record,
 )
+from hfbridge.data.packing import PackedCollator, best_fit_decreasing, packing_is_exact
 from hfbridge.data.sources import DataSourceError, read_records
 
 __all__ = [
     "FORMATS", "CausalLMDataModule", "DataFormatError", "DataSourceError", "EpochShuffleSampler",
-    "PaddedCollator", "StepTokenCounter", "TokenizedSample", "load_records", "prompt_and_reference",
+    "PackedCollator", "PaddedCollator", "StepTokenCounter", "best_fit_decreasing", "packing_is_exact", "TokenizedSample", "load_records", "prompt_and_reference",
     "read_records", "shift_for_causal_lm", "tokenize_record",
 ]

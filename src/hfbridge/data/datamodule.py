@@ -20,11 +20,23 @@ from hfbridge.data.formats import (
     detect_format,
     tokenize_record,
 )
+from hfbridge.data.packing import PackedCollator, packing_is_exact, uses_flash_attention
 from hfbridge.data.sources import DataSourceError, read_records
 
 log = logging.getLogger(__name__)
 
 DataArg = str | Path | Sequence[dict] | None
+
+
+def record_rows(data: str | Path | Sequence[dict], split: str | None = None) -> list[tuple[str, dict]]:
+    """``(where, record)`` pairs from a data path or a list of dicts (``where`` names the file and line, or the
+    index in the list). An empty data set is an error."""
+    if isinstance(data, (str, Path)):
+        return read_records(data, split=split)
+    rows = [(f"record {i}", r) for i, r in enumerate(data)]
+    if not rows:
+        raise DataSourceError("the data set is empty")
+    return rows
 
 
 def load_records(data: str | Path | Sequence[dict], fmt: str = "auto", split: str | None = None) -> tuple[list[dict], str]:
@@ -33,12 +45,7 @@ def load_records(data: str | Path | Sequence[dict], fmt: str = "auto", split: st
     ``fmt="auto"`` detects the format from the first record. Every record is checked, so a bad one anywhere in
     the file is reported with its file and line before any model is loaded.
     """
-    if isinstance(data, (str, Path)):
-        rows = read_records(data, split=split)
-    else:
-        rows = [(f"record {i}", r) for i, r in enumerate(data)]
-        if not rows:
-            raise DataSourceError("the data set is empty")
+    rows = record_rows(data, split)
     if fmt == "auto":
         where, first = rows[0]
         try:
@@ -62,6 +69,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self.resume: tuple[int, int] | None = None  # (epoch, indices already used): skipped once, when resuming
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -77,11 +85,15 @@ class EpochShuffleSampler(Sampler[int]):
             order = list(range(self.size))
         total = len(self) * self.num_replicas
         order = (order * math.ceil(total / max(len(order), 1)))[:total]
-        return iter(order[self.rank : total : self.num_replicas])
+        mine = order[self.rank : total : self.num_replicas]
+        if self.resume is not None and self.resume[0] == self.epoch:
+            mine = mine[self.resume[1] :]
+            self.resume = None
+        return iter(mine)
 
 
 class CausalLMDataModule(pl.LightningDataModule):
-    """Tokenize records into next-token samples and serve padded batches.
+    """Tokenize records into next-token samples and serve packed (or padded) batches.
 
     Args:
         tokenizer: a Hugging Face tokenizer (its pad token is set to EOS if it has none).
@@ -91,6 +103,11 @@ class CausalLMDataModule(pl.LightningDataModule):
         max_length: inputs longer than this many tokens are truncated (counted and logged).
         batch_size: micro-batch size; gradient accumulation is the Trainer's ``accumulate_grad_batches``.
         seed: the shuffling (and hold-out) seed; the order depends only on the seed and the epoch.
+        packing: pack each micro-batch's samples into rows, padding-free (:mod:`hfbridge.data.packing`): the same
+            samples, loss and gradients as padding, less compute. ``"auto"`` (default) packs when the model being
+            fitted is checked to keep packed samples apart, and pads otherwise (logged); ``True`` packs (an error
+            if the model is checked and does not); ``False`` pads.
+        pack_length: tokens per packed row; default ``max_length`` (or the longest sample of the micro-batch).
     """
 
     def __init__(
@@ -106,19 +123,25 @@ class CausalLMDataModule(pl.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
+        packing: bool | str = "auto",
+        pack_length: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if packing not in (True, False, "auto"):
+            raise ValueError(f"packing must be True, False or 'auto', got {packing!r}")
+        if pack_length is not None and max_length is not None and pack_length < max_length:
+            raise ValueError(f"pack_length ({pack_length}) must be at least max_length ({max_length})")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.train_records, self.data_format = load_records(train_data, data_format)
+        self.train_records, self.data_format = self._load_records(train_data, data_format)
         self.val_records = None
         if val_data is not None:
-            self.val_records, _ = load_records(val_data, self.data_format)
+            self.val_records, _ = self._load_records(val_data, self.data_format)
         elif val_fraction > 0:
             g = torch.Generator().manual_seed(seed)
             order = torch.randperm(len(self.train_records), generator=g).tolist()
@@ -131,11 +154,21 @@ class CausalLMDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.collator = PaddedCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+        self.packing = packing
+        self.packed_collator = PackedCollator(
+            tokenizer.pad_token_id, pack_length or max_length, pad_to_multiple_of=pad_to_multiple_of
+        )
+        self._packing_decision: bool | None = None
         self.train_samples: list[TokenizedSample] | None = None
         self.val_samples: list[TokenizedSample] | None = None
         if self.val_records:
             # Lightning runs validation only where a val_dataloader is defined, so define it only with data.
             self.val_dataloader = self._val_dataloader
+
+    def _load_records(self, data: DataArg, data_format: str) -> tuple[list, str]:
+        """Read and check every record (:func:`load_records`); data modules for other kinds of record override
+        this and :meth:`_tokenize`."""
+        return load_records(data, data_format)
 
     def _tokenize(self, records: list[dict], split: str) -> list[TokenizedSample]:
         samples = [tokenize_record(self.tokenizer, r, self.data_format, self.max_length) for r in records]
@@ -159,28 +192,74 @@ class CausalLMDataModule(pl.LightningDataModule):
             self.val_samples = self._tokenize(self.val_records, "validation")
 
     def _dp_rank_and_size(self) -> tuple[int, int]:
+        """This process's data shard: its ``(dp, fsdp)`` coordinate under a model-parallel strategy (the
+        tensor/sequence-parallel ranks of one group see the same batch), else its global rank."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
         strategy = trainer.strategy
-        # Model-parallel strategies shard data over the data-parallel ranks only.
         rank = getattr(strategy, "data_parallel_rank", None)
         size = getattr(strategy, "data_parallel_size", None)
         if rank is None or size is None:
+            try:  # Lightning's ModelParallelStrategy and DDP say it through their sampler arguments
+                kwargs = strategy.distributed_sampler_kwargs or {}
+            except (AttributeError, RuntimeError):
+                kwargs = {}
+            rank, size = kwargs.get("rank"), kwargs.get("num_replicas")
+        if rank is None or size is None:
             rank, size = trainer.global_rank, trainer.world_size
         return rank, size
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start the training data of ``epoch`` after its first ``batches`` micro-batches (set when resuming from a
+        checkpoint, see :mod:`hfbridge.parallel.checkpoint`)."""
+        self._resume_position = (int(epoch), int(batches))
 
     def _accumulate(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.accumulate_grad_batches if trainer is not None else 1
 
+    def _model(self):
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return getattr(module, "model", None)
+
+    def use_packing(self) -> bool:
+        """Whether batches are packed: ``packing`` resolved against the model being fitted (decided once)."""
+        if self._packing_decision is not None:
+            return self._packing_decision
+        model = self._model()
+        if model is None:
+            decided = self.packing is True
+            if self.packing == "auto":
+                log.info("packing: off (no model attached to check that packed samples stay apart); batches are padded")
+        elif self.packing is False:
+            decided = False
+        else:
+            ok, reason = packing_is_exact(model)
+            if not ok and self.packing is True:
+                raise ValueError(f"packing=True, but this model cannot be packed exactly: {reason}")
+            decided = ok
+            log.info("packing: %s (%s)", "on" if ok else "off, batches are padded", reason)
+            if ok and uses_flash_attention(model):
+                self.packed_collator.one_row = True  # variable-length flash attention takes the batch as one row
+        self._packing_decision = decided
+        return decided
+
+    def _collate(self):
+        return self.packed_collator if self.use_packing() else self.collator
+
     def train_dataloader(self):
         self.setup("fit")
         rank, size = self._dp_rank_and_size()
         sampler = EpochShuffleSampler(len(self.train_samples), self.seed, True, size, rank)
+        position = getattr(self, "_resume_position", None)
+        if position is not None:
+            sampler.resume = (position[0], position[1] * self.batch_size)
+            self._resume_position = None
         loader = DataLoader(
             self.train_samples, batch_size=self.batch_size, sampler=sampler,
-            collate_fn=self.collator, num_workers=self.num_workers,
+            collate_fn=self._collate(), num_workers=self.num_workers,
         )
         return StepTokenCounter(loader, self._accumulate())
 
@@ -190,5 +269,5 @@ class CausalLMDataModule(pl.LightningDataModule):
         sampler = EpochShuffleSampler(len(self.val_samples), self.seed, False, size, rank)
         return DataLoader(
             self.val_samples, batch_size=self.val_batch_size, sampler=sampler,
-            collate_fn=self.collator, num_workers=self.num_workers,
+            collate_fn=self._collate(), num_workers=self.num_workers,
         )

@@ -137,35 +137,43 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _tokens_messages(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
-    """Render the conversation and mark the characters of each assistant turn.
+def assistant_spans(chat, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
 
-    An assistant turn ``i`` spans from the end of ``render(messages[:i], add_generation_prompt=True)`` to the
-    end of ``render(messages[: i + 1])``: its content and the template's end-of-turn token(s). Tokens are then
-    marked from their character offsets, so this holds for any template whose renderings are prefixes of each
-    other (checked; a template that is not gets a clear error).
+    ``chat`` is anything with a chat template and ``apply_chat_template`` (a tokenizer, or a multimodal
+    processor). An assistant turn ``i`` spans from the end of ``render(messages[:i], add_generation_prompt=True)``
+    to the end of ``render(messages[: i + 1])``: its content and the template's end-of-turn token(s). This holds
+    for any template whose renderings are prefixes of each other (checked; a template that is not gets a clear
+    error).
     """
-    messages = record["messages"]
-    full = render_chat(tokenizer, messages)
+    full = render_chat(chat, messages)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = render_chat(tokenizer, messages[: i + 1])
+        before = render_chat(chat, messages[:i], add_generation_prompt=True) if i else ""
+        through = render_chat(chat, messages[: i + 1])
         if not full.startswith(through) or not through.startswith(before):
             raise DataFormatError(
                 "the chat template does not render conversations incrementally (a prefix of the conversation "
                 "is not a prefix of its rendering), so assistant turns cannot be located"
             )
         spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokens_in_spans(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each token's ``(start, end)`` character offsets: does it end inside one of ``spans``? (Tokens may
+    carry a leading space, so the end decides; zero-width tokens such as padding never do.)"""
+    return [any(s < end <= e for s, e in spans) for _start, end in offsets]
+
+
+def _tokens_messages(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
+    """Render the conversation, locate its assistant turns (:func:`assistant_spans`) and mark their tokens
+    from their character offsets."""
+    full, spans = assistant_spans(tokenizer, record["messages"])
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding["input_ids"]
-    trained = []
-    for _start, end in encoding["offset_mapping"]:
-        # A token is trained if it ends inside an assistant span (tokens may carry a leading space).
-        trained.append(any(s < end <= e for s, e in spans))
-    return ids, trained
+    return encoding["input_ids"], tokens_in_spans(encoding["offset_mapping"], spans)
 
 
 _TOKENIZERS = {"text": _tokens_text, "prompt_completion": _tokens_prompt_completion, "messages": _tokens_messages}

@@ -16,7 +16,7 @@ from torch import nn
 from hfbridge.data.collators import NUM_LABEL_TOKENS_KEY
 from hfbridge.io import atomic_dir
 from hfbridge.losses import count_label_tokens, masked_cross_entropy
-from hfbridge.models import loading
+from hfbridge.models import loading, speed
 from hfbridge.optim import OptimizerConfig, build_optimizer
 from hfbridge.peft import is_peft_model, is_quantized
 
@@ -47,6 +47,19 @@ class HFAutoModelForCausalLM(pl.LightningModule):
 
     hfbridge's own:
         optim: an :class:`hfbridge.OptimizerConfig` (AdamW, warmup then cosine by default).
+        chunked_loss: compute the loss without the full ``tokens x vocabulary`` logits: the backbone's hidden
+            states of the trained positions only are projected, 512 at a time (or this many, given an int), with
+            the same loss and gradients. On by default; models where the head cannot be split off, and a custom
+            ``loss_fn``, use the full logits.
+        activation_checkpointing: recompute each decoder layer in backward instead of keeping its activations.
+        compile: ``torch.compile`` each decoder layer (regional compilation).
+        liger: Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA GPUs; needs
+            ``liger-kernel``. Without a GPU it warns and uses the chunked PyTorch loss.
+        device_mesh: a ``torch.distributed`` ``DeviceMesh`` to spread the model over (the ``(dp, fsdp, tp, sp)``
+            mesh of :func:`hfbridge.parallel.build_device_mesh`, or Lightning's 2-D one). Usually left ``None``:
+            :class:`hfbridge.parallel.MeshParallelStrategy` builds it and hands it over before ``configure_model``.
+        parallel: a :class:`hfbridge.parallel.ParallelConfig` (mesh sizes, partition rules, mixed precision,
+            CPU offload); see docs/distributed.md.
 
     Batches hold ``input_ids``, optional ``attention_mask`` and ``position_ids``, ``labels`` (next-token targets,
     -100 where not trained), an optional ``loss_mask``, and the optional ``num_label_tokens`` of the optimizer step
@@ -68,10 +81,18 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         load_in_4bit: bool = False,
         attn_implementation: str = "sdpa",
         optim: OptimizerConfig | None = None,
+        chunked_loss: bool | int = True,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        liger: bool = False,
+        device_mesh=None,
+        parallel=None,
     ):
         super().__init__()
         if load_in_4bit:
             loading.require_bitsandbytes()
+        if liger:
+            speed.require_liger()
         self.model_name = model_name
         self._tokenizer = tokenizer
         self.model = None
@@ -86,8 +107,16 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self.attn_implementation = attn_implementation
         self.optim = optim or OptimizerConfig()
         self._forward_keys: set[str] | None = None
+        self.chunked_loss = chunked_loss
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_layers = compile
+        self.liger = liger
+        self._head_split: tuple[nn.Module, speed.HeadSplit | None] | None = None
         self._step_loss_sum = 0.0
         self._step_tokens_seen = 0
+        self._device_mesh = device_mesh
+        self.parallel = parallel
+        self._dp_mesh = None
 
     # ----------------------------------------------------------------------------------------------- tokenizer
     @property
@@ -123,23 +152,54 @@ class HFAutoModelForCausalLM(pl.LightningModule):
                 model = to_hf_api(model, self._tokenizer)
             self.is_hf_model = _is_hf_model(model)
         else:
-            model = loading.load_pretrained_model(
-                self.model_name,
-                load_pretrained_weights=self.load_pretrained_weights,
-                dtype=self.default_dtype,
-                attn_implementation=self.attn_implementation,
-                load_in_4bit=self.load_in_4bit,
-                trust_remote_code=self.trust_remote_code,
-            )
+            model = self._load_model()
         model = _apply(self.model_transform, model)
+        self._apply_speed_options(model)
         model = self._parallelize(model)
         model = _apply(self.model_accelerator, model)
+        if self.compile_layers:
+            speed.compile_layers(model)
         model.train()  # from_pretrained returns eval mode; this module trains (dropout on where configured)
         self.model = model
         self._forward_keys = None
 
+    def _load_model(self, auto_class=None, model_name: str | os.PathLike | None = None) -> nn.Module:
+        """Load ``model_name`` (default ``self.model_name``), or build it with random weights, with the settings
+        of this module; subclasses for other kinds of model pass their ``auto_class``.
+
+        With a device mesh the model is built on the meta device instead: ``_parallelize`` shards it, then each
+        rank loads only its own shards (:mod:`hfbridge.parallel.materialize`)."""
+        if self._device_mesh is not None:
+            from hfbridge.parallel.materialize import skeleton_for
+
+            return skeleton_for(self, auto_class, model_name)
+        return loading.load_pretrained_model(
+            self.model_name if model_name is None else model_name,
+            auto_class=auto_class,
+            load_pretrained_weights=self.load_pretrained_weights,
+            dtype=self.default_dtype,
+            attn_implementation=self.attn_implementation,
+            load_in_4bit=self.load_in_4bit,
+            trust_remote_code=self.trust_remote_code,
+        )
+
     def _parallelize(self, model: nn.Module) -> nn.Module:
-        """Where tensor/sequence parallelism and FSDP are applied when a device mesh is given (see parallel/)."""
+        """Where tensor/sequence parallelism and FSDP2 are applied when a device mesh is given: all of it is in
+        :func:`hfbridge.parallel.apply.parallelize_model`. A meta-device model is then filled, each rank loading
+        only its shards."""
+        if self._device_mesh is None:
+            return model
+        from hfbridge.parallel.apply import parallelize_model
+        from hfbridge.parallel.materialize import is_skeleton, materialize
+        from hfbridge.parallel.mesh import mesh_layout
+
+        model = parallelize_model(model, self._device_mesh, self.parallel)
+        if is_skeleton(model):
+            materialize(model, self._device_mesh)
+        self._dp_mesh = mesh_layout(self._device_mesh).data_flat
+        if self.chunked_loss:  # it calls the backbone and the head apart, outside FSDP's root: full logits
+            log.info("loss without full logits: off on a device mesh (the model is sharded)")
+            self.chunked_loss = False
         return model
 
     @property
@@ -176,12 +236,16 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         return self.model(**inputs)
 
     def _dp_size_and_group(self):
-        """Size and process group of the data-parallel dimension (ranks that see different data)."""
+        """Size and process group of the data-parallel ranks: those that see different data, and the ranks whose
+        gradients FSDP2 / DDP average. On a ``(dp, fsdp, tp, sp)`` mesh that is the ``dp x fsdp`` ranks (the
+        ``tp * sp`` ranks of a group share a batch and are not averaged over); without a mesh, the world."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return 1, None
         mesh = getattr(self, "_dp_mesh", None)
         if mesh is not None:
             return mesh.size(), mesh.get_group()
+        if self._trainer is not None and self.trainer.world_size == 1:
+            return 1, None  # one process under a process group started by someone else
         return torch.distributed.get_world_size(), None
 
     def _token_normalised_loss(self, mean_loss: torch.Tensor, n_micro: int, n_step_local) -> torch.Tensor:
@@ -199,14 +263,40 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         scale = n_micro / n_step.clamp(min=1).item() * dp_size * accumulate
         return mean_loss * scale
 
+    def _apply_speed_options(self, model: nn.Module) -> None:
+        """Activation checkpointing and Liger kernels, in place (``torch.compile`` comes after parallelism)."""
+        if self.activation_checkpointing:
+            speed.enable_activation_checkpointing(model)
+        if self.liger and speed.liger_usable():
+            speed.apply_liger_kernels(model)
+
+    def _split(self) -> speed.HeadSplit | None:
+        """The model as backbone + linear head for the loss without full logits, or ``None`` (found once per model)."""
+        if not self.chunked_loss or self.loss_fn is not masked_cross_entropy:
+            return None
+        if self._head_split is None or self._head_split[0] is not self.model:
+            split, reason = speed.split_head(self.model)
+            log.info("loss without full logits: %s (%s)", "on" if split else "off, full logits", reason)
+            self._head_split = (self.model, split)
+        return self._head_split[1]
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """The mean loss over the batch's trained tokens, and their number (for training and validation)."""
+        labels, loss_mask = batch["labels"], batch.get("loss_mask")
+        split = self._split()
+        if split is None:
+            mean_loss = self.loss_fn(self.forward(batch).logits, labels, loss_mask)
+        else:
+            hidden = split.hidden_states({k: v for k, v in batch.items() if k not in LOSS_KEYS})
+            chunk = 512 if self.chunked_loss is True else int(self.chunked_loss)
+            mean_loss = speed.linear_loss(hidden, split.head, labels, loss_mask, chunk, self.liger)
+        return mean_loss, count_label_tokens(labels, loss_mask)
+
     def training_step(self, batch: dict, batch_idx: int | None = None) -> torch.Tensor:
         """Loss of one micro-batch, normalised per label token of the whole optimizer step when the batch says
         how many there are (``num_label_tokens``), else per token of this micro-batch. Logs ``train_loss``
         (the per-token loss of the optimizer step) and ``lr``."""
-        labels, loss_mask = batch["labels"], batch.get("loss_mask")
-        outputs = self.forward(batch)
-        mean_loss = self.loss_fn(outputs.logits, labels, loss_mask)
-        n_micro = count_label_tokens(labels, loss_mask)
+        mean_loss, n_micro = self._loss(batch)
         n_step = batch.get(NUM_LABEL_TOKENS_KEY)
         if n_step is None:
             self._log_train_loss(mean_loss.detach(), n_micro, n_micro)
@@ -230,10 +320,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
         """Per-token validation loss; ``val_loss`` is the token-weighted mean over the whole validation set."""
-        labels, loss_mask = batch["labels"], batch.get("loss_mask")
-        outputs = self.forward(batch)
-        loss = self.loss_fn(outputs.logits, labels, loss_mask)
-        n = count_label_tokens(labels, loss_mask)
+        loss, n = self._loss(batch)
         if self._trainer is not None:
             self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=max(n, 1), sync_dist=True)
         return loss
@@ -254,8 +341,14 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         if self.model is None:
             raise RuntimeError("no model to save: call configure_model() or fit first")
         path = Path(path)
+        model = self.model
+        if self._dp_mesh is not None:  # sharded: every rank gathers, rank 0 saves an unsharded copy
+            from hfbridge.parallel.export import gather_plain_model
+
+            model = gather_plain_model(self)
+            if model is None:
+                return path
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            model = self.model
             if is_peft_model(model) and merged:
                 if is_quantized(model):
                     raise ValueError(
@@ -264,9 +357,13 @@ class HFAutoModelForCausalLM(pl.LightningModule):
                     )
                 model = copy.deepcopy(model).merge_and_unload()
             model.save_pretrained(tmp, safe_serialization=True)
-            if self._tokenizer is not None or not isinstance(self.model_name, nn.Module):
-                self.tokenizer.save_pretrained(tmp)
+            self._save_preprocessing(tmp)
         return path
+
+    def _save_preprocessing(self, folder: Path) -> None:
+        """Save what turns inputs into model inputs (here the tokenizer) beside the model."""
+        if self._tokenizer is not None or not isinstance(self.model_name, nn.Module):
+            self.tokenizer.save_pretrained(folder)
 
 
 def _apply(fn: Callable | None, model: nn.Module) -> nn.Module:

@@ -1,0 +1,422 @@
+"""Vision-language data: images, chat records with images, labels through a processor, batches, a DataModule.
+
+A record is a chat in the ``messages`` format whose contents may hold images::
+
+    {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "img/cat.png"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "A cat."}]}
+
+An image part carries its image under ``image`` (or ``path`` / ``url``, or OpenAI's ``{"type": "image_url",
+"image_url": {"url": ...}}``): a file path (relative paths are resolved against the data file's folder), a
+``data:`` URI, bytes, a PIL image, or a ``{"bytes": ..., "path": ...}`` dict as ``datasets`` stores images. A bare
+``{"type": "image"}`` takes the next entry of the record's top-level ``images`` list, so the number of bare parts
+must equal the length of that list. Web URLs are refused: training never depends on the network.
+
+Labels follow the core convention (:mod:`hfbridge.losses`): the conversation is rendered with the processor's chat
+template and its assistant turns are located on the rendered text (:func:`hfbridge.data.formats.assistant_spans`);
+the processor then expands each image placeholder into many image tokens and reports where
+(``return_text_replacement_offsets``), so the turns are moved past the expansions and marked on the expanded tokens
+by their character offsets. Targets are shifted once (:func:`hfbridge.data.formats.shift_for_causal_lm`), and every
+id of :func:`skipped_token_ids` (image, video and padding tokens, and every other special token that is not part of
+an assistant turn) is never a target. Assistant turns are trained with their end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfbridge.data.datamodule import CausalLMDataModule, DataArg, record_rows
+from hfbridge.data.formats import (
+    DataFormatError,
+    assistant_spans,
+    chat_template_or_error,
+    check_record,
+    shift_for_causal_lm,
+    tokens_in_spans,
+)
+from hfbridge.data.sources import DataSourceError
+from hfbridge.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+# PIL modes that convert to RGB without losing meaning; others (16/32-bit integer, float) are refused.
+SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_MODE_NAMES = {"I": "32-bit integer", "F": "32-bit floating point"}
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_IMAGE_KEYS = ("image", "path", "url")
+
+
+class ImageError(DataFormatError):
+    """An image that cannot be used; the message names the record and the image."""
+
+
+# ----------------------------------------------------------------------------------------------------- images
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return f"<{type(source).__name__}>"
+
+
+def open_image(source: Any, where: str = "", base_dir: str | Path | None = None):
+    """Open an image (lazily: PIL reads the header) and check its mode; see the module docstring for sources."""
+    from PIL import Image, UnidentifiedImageError
+
+    prefix = f"{where}: " if where else ""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            image = Image.open(_file_or_buffer(source, prefix, base_dir))
+        except UnidentifiedImageError as e:
+            raise ImageError(f"{prefix}image {_describe(source)} is not an image file PIL can read") from e
+    if image.mode not in SUPPORTED_MODES:
+        default = "16-bit integer" if image.mode.startswith("I;16") else "not 8-bit colour or grayscale"
+        kind = _MODE_NAMES.get(image.mode, default)
+        raise ImageError(
+            f"{prefix}image {_describe(source)} has mode {image.mode!r} ({kind}), which is not converted to RGB "
+            f"implicitly (the scaling is ambiguous); save it as 8-bit RGB or grayscale. Supported modes: "
+            f"{', '.join(SUPPORTED_MODES)}"
+        )
+    return image
+
+
+def _file_or_buffer(source: Any, prefix: str, base_dir: str | Path | None):
+    if isinstance(source, (bytes, bytearray)):
+        return io.BytesIO(source)
+    if not isinstance(source, (str, Path)):
+        raise ImageError(
+            f"{prefix}an image must be a file path, a data: URI, bytes, a PIL image or a {{bytes, path}} dict, "
+            f"got {type(source).__name__}"
+        )
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        raise ImageError(
+            f"{prefix}image {_describe(text)} is a web URL; hfbridge does not download images (training must not "
+            "depend on the network). Download it and give the file path."
+        )
+    if text.startswith("data:"):
+        try:
+            return io.BytesIO(base64.b64decode(text.split(",", 1)[1], validate=True))
+        except (IndexError, binascii.Error) as e:
+            raise ImageError(f"{prefix}image data: URI is not valid base64 ({e})") from e
+    path = Path(text.removeprefix("file://")).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        hint = f" (relative paths are resolved against {base_dir})" if base_dir is not None else ""
+        raise ImageError(f"{prefix}image file not found: {path}{hint}")
+    return path
+
+
+def load_image(source: Any, where: str = "", base_dir: str | Path | None = None):
+    """The image as an RGB PIL image; transparent pixels are laid on white."""
+    from PIL import Image
+
+    image = open_image(source, where, base_dir)
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------- records
+@dataclass
+class VisionRecord:
+    """A checked chat record: contents as lists of parts, each image part reduced to ``{"type": "image"}`` (what
+    chat templates render as a placeholder), and the images' sources in order."""
+
+    where: str
+    messages: list[dict]
+    images: list[Any] = field(default_factory=list)
+    base_dir: Path | None = None
+
+
+def _image_source(part: dict) -> Any:
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    return next((part[k] for k in _IMAGE_KEYS if part.get(k) is not None), None)
+
+
+def parse_record(record: dict, where: str, base_dir: str | Path | None = None, check_images: bool = True) -> VisionRecord:
+    """Check one chat record with images and normalise it (see the module docstring for the format).
+
+    With ``check_images`` every image is opened (its header only) so that a missing file, an unreadable file or
+    an unsupported mode is reported here, with ``where``, before any model is loaded.
+    """
+    check_record(record, "messages", where)
+    top_images = record.get("images") or []
+    if not isinstance(top_images, list):
+        raise DataFormatError(f"{where}: 'images' must be a list, got {type(top_images).__name__}")
+    messages, sources, bare = [], [], 0
+    for i, message in enumerate(record["messages"]):
+        content = message["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise DataFormatError(f"{where}: messages[{i}].content must be a string or a list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in ("image", "image_url"):
+                source = _image_source(part)
+                if source is None:
+                    source = top_images[bare] if bare < len(top_images) else None
+                    bare += 1
+                sources.append(source)
+                parts.append({"type": "image"})
+            else:
+                raise DataFormatError(
+                    f"{where}: messages[{i}].content[{j}] must be {{'type': 'text', 'text': ...}} or "
+                    f"{{'type': 'image', ...}}, got {part!r:.100}"
+                )
+        messages.append({**message, "content": parts})
+    if bare != len(top_images):
+        raise DataFormatError(
+            f"{where}: the messages have {bare} image placeholder(s) without their own image "
+            f"({{'type': 'image'}}), but 'images' has {len(top_images)} entr{'y' if len(top_images) == 1 else 'ies'}; "
+            "give one image per placeholder"
+        )
+    base = Path(base_dir) if base_dir is not None else None
+    if check_images:
+        for source in sources:
+            image = open_image(source, where, base)
+            if image is not source:
+                image.close()
+    return VisionRecord(where, messages, sources, base)
+
+
+def load_vision_records(data: DataArg | Sequence[VisionRecord], split: str | None = None) -> list[VisionRecord]:
+    """Read and check every record of a data file/folder or a list of dicts (records already checked pass as they
+    are); image paths in a file's records are resolved against the file's folder (in-memory records: against the
+    working folder)."""
+    if isinstance(data, Sequence) and data and all(isinstance(r, VisionRecord) for r in data):
+        return list(data)
+    base_dir = None
+    if isinstance(data, (str, Path)):
+        base_dir = Path(data) if Path(data).is_dir() else Path(data).parent
+    return [parse_record(record, where, base_dir) for where, record in record_rows(data, split)]
+
+
+def prompt_and_reference(record: VisionRecord) -> tuple[VisionRecord, str]:
+    """The record cut before its last assistant turn (with the images that part shows), and that turn's text."""
+    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+    shown = sum(p["type"] == "image" for m in record.messages[:last] for p in m["content"])
+    reference = "".join(p.get("text", "") for p in record.messages[last]["content"])
+    return VisionRecord(record.where, record.messages[:last], record.images[:shown], record.base_dir), reference
+
+
+# ----------------------------------------------------------------------------------------------------- tokens
+def _chat_tokenizer(chat):
+    return getattr(chat, "tokenizer", chat)
+
+
+def skipped_token_ids(chat) -> torch.IntTensor:
+    """Token ids that are never a training target, derived from ``chat`` (a processor, or a tokenizer).
+
+    Candidates are every special token of the tokenizer (named, extra, and added tokens marked special) and every
+    multimodal token the processor names (its ``*_token`` / ``*_token_id`` attributes and ``image_token_ids``,
+    ``video_token_ids``, ``audio_token_ids``: image, video, begin/end-of-image, tile tokens...). Kept out of the set
+    are the EOS token and every special token the chat template writes inside an assistant turn (found by rendering
+    a probe conversation), so end-of-turn tokens are trained and the model learns to stop.
+    """
+    tokenizer = _chat_tokenizer(chat)
+    added = tokenizer.get_added_vocab()
+    candidates = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    candidates |= set(tokenizer.all_special_ids)
+    if chat is not tokenizer:
+        for name, value in vars(chat).items():
+            if isinstance(value, str) and value in added:
+                candidates.add(added[value])
+            elif name.endswith(("_token_id", "_token_ids", "_ids")):
+                values = value if isinstance(value, (list, tuple)) else [value]
+                candidates |= {v for v in values if isinstance(v, int)}
+        for name in ("image_token_ids", "video_token_ids", "audio_token_ids"):
+            values = getattr(chat, name, None) or []
+            candidates |= {v for v in values if isinstance(v, int)}
+    kept = _assistant_turn_ids(chat) | {tokenizer.eos_token_id}
+    return torch.tensor(sorted(i for i in candidates - kept if i is not None and i >= 0), dtype=torch.int32)
+
+
+def _assistant_turn_ids(chat) -> set[int]:
+    """Ids of the tokens the chat template writes inside an assistant turn (content, end-of-turn)."""
+    chat_template_or_error(chat, "the processor" if chat is not _chat_tokenizer(chat) else "the tokenizer")
+    as_parts = chat is not _chat_tokenizer(chat)
+
+    def content(text: str):
+        return [{"type": "text", "text": text}] if as_parts else text
+
+    probe = [{"role": "user", "content": content("Hi")}, {"role": "assistant", "content": content("Hello")}]
+    full, spans = assistant_spans(chat, probe)
+    encoding = _chat_tokenizer(chat)(full, add_special_tokens=False, return_offsets_mapping=True)
+    marked = tokens_in_spans(encoding["offset_mapping"], spans)
+    return {i for i, keep in zip(encoding["input_ids"], marked) if keep}
+
+
+def _expand(position: int, replacements: Sequence[dict]) -> int:
+    """A character position of the rendered text, in the text whose placeholders the processor expanded."""
+    gained = 0
+    for r in replacements:
+        if r["span"][1] <= position:
+            gained += (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0])
+    return position + gained
+
+
+@dataclass
+class VisionSample:
+    """A record rendered with the chat template: the text, and its assistant turns as character spans."""
+
+    record: VisionRecord
+    text: str
+    spans: list[tuple[int, int]]
+    length: int = 0  # tokens after the processor's expansion
+    num_label_tokens: int = 0
+
+
+def render_sample(processor, record: VisionRecord) -> VisionSample:
+    try:
+        text, spans = assistant_spans(processor, record.messages)
+    except DataFormatError as e:
+        raise DataFormatError(f"{record.where}: {e}") from e
+    return VisionSample(record, text, spans)
+
+
+def _wheres(samples: Sequence[VisionSample]) -> str:
+    wheres = [s.record.where for s in samples]
+    return wheres[0] if len(wheres) == 1 else f"one of {', '.join(wheres[:4])}{'...' if len(wheres) > 4 else ''}"
+
+
+def encode_samples(processor, samples: Sequence[VisionSample], skipped_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One batch: the processor's output (right-padded ``input_ids``, ``attention_mask``, pixel values and
+    whatever else this family's model takes, batched the family's way) plus next-token ``labels``."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    images = [[load_image(src, s.record.where, s.record.base_dir) for src in s.record.images] for s in samples]
+    kwargs = {
+        "text": [s.text for s in samples], "padding": True, "padding_side": "right", "return_tensors": "pt",
+        "add_special_tokens": False, "return_offsets_mapping": True, "return_text_replacement_offsets": True,
+    }
+    if any(images):
+        kwargs["images"] = images
+    try:
+        out = dict(processor(**kwargs))
+    except (ValueError, TypeError, IndexError) as e:
+        raise DataFormatError(f"{_wheres(samples)}: the processor rejected this sample ({e})") from e
+    if "offset_mapping" not in out:
+        raise DataFormatError(f"{type(processor).__name__} returns no token offsets (it needs a fast tokenizer)")
+    offsets = out.pop("offset_mapping").tolist()
+    replacements = out.pop("text_replacement_offsets", None)
+    if replacements is None and any(images):
+        raise DataFormatError(
+            f"{type(processor).__name__} does not report where it expands image placeholders "
+            "(return_text_replacement_offsets), so assistant turns cannot be located among the image tokens"
+        )
+    input_ids, attention_mask = out["input_ids"], out["attention_mask"]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, sample in enumerate(samples):
+        start, n = int(attention_mask[row].argmax()), int(attention_mask[row].sum())  # either padding side
+        moved = replacements[row] if replacements else []
+        spans = [(_expand(s, moved), _expand(e, moved)) for s, e in sample.spans]
+        trained = tokens_in_spans(offsets[row][start : start + n], spans)
+        _, shifted = shift_for_causal_lm(input_ids[row, start : start + n].tolist(), trained)
+        labels[row, start : start + n - 1] = torch.tensor(shifted, dtype=labels.dtype)
+    labels[torch.isin(labels, skipped_ids.to(labels.dtype))] = IGNORE_INDEX
+    out["labels"] = labels
+    return out
+
+
+@dataclass
+class VisionCollator:
+    """Batch :class:`VisionSample` s through the processor (it pads text and batches pixels its family's way)."""
+
+    processor: Any
+    skipped_ids: torch.Tensor
+
+    def __call__(self, samples: Sequence[VisionSample]) -> dict[str, torch.Tensor]:
+        return encode_samples(self.processor, samples, self.skipped_ids)
+
+
+# ----------------------------------------------------------------------------------------------------- module
+class VisionDataModule(CausalLMDataModule):
+    """:class:`hfbridge.CausalLMDataModule` for chat records with images, batched through a processor.
+
+    Every record is checked when the module is built (format, image files, modes, image counts), and every sample
+    is run through the processor once in ``setup`` (a sample the processor rejects is reported with its record);
+    samples longer than ``max_length`` tokens are dropped (an image's tokens cannot be cut), as are samples with
+    nothing to train (both logged). Shuffling, data-parallel sharding and the label-token count of each optimizer
+    step are the parent's.
+    """
+
+    def __init__(
+        self,
+        processor,
+        train_data: DataArg,
+        val_data: DataArg = None,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        val_fraction: float = 0.0,
+        seed: int = 42,
+        num_workers: int = 0,
+    ):
+        if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+            raise ValueError(
+                f"VisionDataModule needs a multimodal processor with an image processor and a tokenizer, got "
+                f"{type(processor).__name__}"
+            )
+        chat_template_or_error(processor, "the processor")
+        self.processor = processor
+        super().__init__(
+            processor.tokenizer, train_data, val_data, data_format="messages", max_length=max_length,
+            batch_size=batch_size, val_batch_size=val_batch_size, val_fraction=val_fraction, seed=seed,
+            num_workers=num_workers,
+        )
+        self.skipped_ids = skipped_token_ids(processor)
+        self.collator = VisionCollator(processor, self.skipped_ids)
+
+    def _load_records(self, data: DataArg, data_format: str) -> tuple[list[VisionRecord], str]:
+        return load_vision_records(data), "messages"
+
+    def _tokenize(self, records: list[VisionRecord], split: str) -> list[VisionSample]:
+        samples = []
+        for record in records:
+            sample = render_sample(self.processor, record)
+            batch = self.collator([sample])
+            sample.length = int(batch["input_ids"].shape[1])
+            sample.num_label_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+            samples.append(sample)
+        fits = [s for s in samples if self.max_length is None or s.length <= self.max_length]
+        if len(fits) < len(samples):
+            first = next(s for s in samples if s.length > self.max_length)
+            log.warning("%s: %d of %d samples are longer than max_length=%s tokens and were dropped (the first: %s)",
+                        split, len(samples) - len(fits), len(samples), self.max_length, first.record.where)
+        kept = [s for s in fits if s.num_label_tokens > 0]
+        if len(kept) < len(fits):
+            log.warning("%s: %d samples have nothing to train and were dropped", split, len(fits) - len(kept))
+        if not kept:
+            raise DataSourceError(f"{split}: no sample has a token to train on")
+        return kept
+
+    def _collate(self):
+        return self.collator  # image tokens must stay in their sample's row: no packing
+
+
+__all__ = [
+    "SUPPORTED_MODES", "ImageError", "VisionCollator", "VisionDataModule", "VisionRecord",
+    "VisionSample", "encode_samples", "load_image", "load_vision_records", "open_image", "parse_record",
+    "prompt_and_reference", "render_sample", "skipped_token_ids",
+]

@@ -1,0 +1,34 @@
+"""hfbridge's declarative face (seed 003): a YAML config describes an LLM task; :class:`LLM` trains, generates,
+scores, saves and loads it; ``hfbridge train | predict | evaluate | serve`` run it from the shell.
+
+Names are imported on first use, so that the command line starts without loading the model stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LLM": "hfbridge.declarative.llm",
+    "load_llm": "hfbridge.declarative.llm",
+    "realign_target_and_prediction_tensors": "hfbridge.declarative.llm",
+    "ConfigError": "hfbridge.declarative.schema",
+    "LLMConfig": "hfbridge.declarative.schema",
+    "load_config": "hfbridge.declarative.schema",
+    "parse_config": "hfbridge.declarative.schema",
+    "LLMServer": "hfbridge.declarative.server",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hfbridge.declarative' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

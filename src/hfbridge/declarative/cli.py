@@ -1,0 +1,114 @@
+"""Command-line face of declarative configs: ``hfbridge train | predict | evaluate | serve | llm-data``.
+
+    hfbridge train --config c.yaml --dataset d.csv [--output runs/llm]      fine-tune (or zero/few-shot) and score
+    hfbridge predict --model runs/llm --dataset d.csv [--output p.csv]       predictions for every record
+    hfbridge evaluate --model runs/llm --dataset d.csv [--split test]        a metrics table, and JSON on disk
+    hfbridge serve --model runs/llm [--port 8000]                            /predict and /v1/chat/completions
+    hfbridge llm-data --task dates|tickets --output d.csv                    the example data sets
+
+``--config`` instead of ``--model`` uses the config's base model as it is (zero- or few-shot).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+SPLITS = ("all", "train", "validation", "test")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="a folder written by hfbridge train (or LLM.save)")
+    group.add_argument("--config", help="a config whose base model is used as it is (zero- or few-shot)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the GPU when there is one)")
+
+
+def add_parsers(sub) -> None:
+    """Add the declarative commands to the ``hfbridge`` subparsers."""
+    p = sub.add_parser("train", help="train (or zero/few-shot score) an LLM described by a YAML config")
+    p.add_argument("--config", required=True, help="the YAML config (see docs/declarative.md)")
+    p.add_argument("--dataset", required=True, help=".csv, .jsonl, .parquet or a datasets folder")
+    p.add_argument("--output", default="runs/llm", help="run folder (refused if not empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder")
+    p.add_argument("--random-seed", type=int, default=42)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the GPU when there is one)")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+
+    p = sub.add_parser("predict", help="predict with a trained declarative LLM")
+    _model_args(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="all", choices=SPLITS, help="which split of the data (default: all rows)")
+    p.add_argument("--output", default="predictions.csv", help=".csv, .jsonl or .parquet")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("evaluate", help="score a declarative LLM: a table on screen, JSON on disk")
+    _model_args(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="all", choices=SPLITS, help="which split of the data (default: all rows)")
+    p.add_argument("--output", default="evaluation.json", help="the metrics JSON (a confusion matrix PNG beside)")
+
+    p = sub.add_parser("serve", help="serve a declarative LLM over HTTP (/predict, /v1/chat/completions)")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens one request may ask for")
+    p.add_argument("--max-records", type=int, default=256, help="the most records one /predict request may hold")
+
+    p = sub.add_parser("llm-data", help="write an example data set (dates: text output; tickets: category)")
+    p.add_argument("--task", required=True, choices=["dates", "tickets"])
+    p.add_argument("--output", required=True, help=".csv, .jsonl or .parquet")
+    p.add_argument("--train-size", type=int, default=None, help="default: 400 dates, 240 tickets")
+    p.add_argument("--test-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_train(args) -> int:
+    from hfbridge.declarative.run import train_job
+
+    train_job(args.config, args.dataset, args.output, args.overwrite, args.random_seed, args.device,
+              args.progress_bar)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from hfbridge.declarative.run import predict_job
+
+    predict_job(args.model, args.config, args.dataset, args.output, args.split, args.device, args.overwrite)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from hfbridge.declarative.run import evaluate_job
+
+    evaluate_job(args.model, args.config, args.dataset, args.output, args.split, args.device)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from hfbridge.declarative.run import open_llm, say
+    from hfbridge.declarative.server import LLMServer, ServerLimits
+
+    llm = open_llm(args.model, args.config, args.device)
+    limits = ServerLimits(max_new_tokens=args.max_new_tokens, max_records=args.max_records)
+    server = LLMServer(llm, args.host, args.port, model_id=args.model or llm.model_name, limits=limits)
+    say(f"serving on {server.url} (POST /predict, POST /v1/chat/completions, GET /health); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
+def cmd_llm_data(args) -> int:
+    from hfbridge.declarative.examples import write_example_data
+
+    n_train = args.train_size or (400 if args.task == "dates" else 240)
+    path = write_example_data(args.task, args.output, n_train, args.test_size, args.seed)
+    print(f"wrote {path} ({n_train} train, {args.test_size} test rows, column 'split')")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve,
+            "llm-data": cmd_llm_data}

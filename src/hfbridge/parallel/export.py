@@ -1,0 +1,113 @@
+"""From sharded weights to one Hugging Face folder: from a running job, or from a checkpoint, any layout.
+
+* :func:`gather_plain_model`: every rank takes part in gathering the full weights; rank 0 gets an ordinary
+  (unsharded) copy of the model, which ``HFAutoModelForCausalLM.save_pretrained`` then saves as usual (adapter
+  alone, merged, or the full model).
+* :func:`export_hf`: one process, no process group: a ``step-N`` checkpoint (sharded over fsdp, tp, both, any
+  number of ranks) into a safetensors folder plain transformers loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hfbridge.models import loading
+from hfbridge.parallel import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+STATE_PREFIX = "state_dict."  # the DCP key of the model state in a checkpoint
+
+
+def _plain_skeleton(module) -> nn.Module:
+    """An unsharded meta-device model with the same structure (and transform) as ``module.model``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from hfbridge.parallel.materialize import skeleton
+
+    source = getattr(module.model, "_hfbridge_weight_source", None)
+    with torch.random.fork_rng():  # building a skeleton must not move the training's random state
+        if source is not None:
+            model = skeleton(source)
+            if source.transform is not None:
+                result = source.transform(model)
+                model = model if result is None else result
+            return model
+        config = getattr(module.model, "config", None)
+        if config is None or hasattr(module.model, "peft_config"):
+            raise NotImplementedError(
+                f"saving a sharded {type(module.model).__name__} given as a module is not supported; give the model "
+                "by name (folder, hub id, .gguf) so hfbridge can rebuild it, or use export_hf on a checkpoint"
+            )
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()
+        return model
+
+
+def gather_plain_model(module) -> nn.Module | None:
+    """The full, unsharded model on rank 0 (``None`` on the other ranks). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    model = _plain_skeleton(module)
+    model.load_state_dict(full, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+def export_hf(checkpoint: str | os.PathLike, model_source: str | os.PathLike, output: str | os.PathLike,
+              overwrite: bool = False, dtype: str | torch.dtype | None = None) -> Path:
+    """Consolidate a sharded checkpoint (any mesh) into a Hugging Face folder at ``output``, in one process.
+
+    ``checkpoint`` is a checkpoint folder (its newest complete step) or one ``step-N`` folder; ``model_source``
+    the model the run started from (its config and tokenizer are reused; a checkpoint of another model is
+    refused). Full fine-tuning checkpoints: an adapter run's final adapter is written by ``save_pretrained``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from hfbridge.io import atomic_dir
+
+    path = ckpt.resolve_checkpoint(checkpoint)
+    model_path = loading.resolve_model_path(model_source)
+    config = loading.load_config(model_path)
+    torch_dtype = loading.resolve_dtype(dtype or "float32")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()
+    meta = ckpt.read_meta(path)
+    ckpt.check_fingerprint(meta.get("fingerprint", {}), ckpt.model_fingerprint(model), path)
+    prefix = STATE_PREFIX + meta.get("model_key_prefix", "")
+    stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    state = {}
+    for name, param in model.named_parameters():  # tied weights appear once
+        key = prefix + name
+        if key not in stored:
+            raise ckpt.CheckpointMismatchError(f"checkpoint {path} has no weight {name!r}")
+        state[key] = torch.empty(param.shape, dtype=param.dtype)
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ckpt.CheckpointMismatchError(f"checkpoint {path} left weights unset: {still_meta[:5]}")
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            loading.load_tokenizer(model_path).save_pretrained(tmp)
+        except Exception as e:  # a model folder without a tokenizer still exports
+            log.warning("no tokenizer saved with the export (%s)", e)
+    log.info("exported %s (step %s) to %s", path, meta.get("step"), output)
+    return Path(output)

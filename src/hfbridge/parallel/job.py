@@ -1,0 +1,171 @@
+"""What ``hfbridge finetune`` needs to run on many processes: the process group and mesh before the model is
+loaded, one output folder written by rank 0, the Trainer's strategy and checkpoint callback, evaluation on a
+gathered copy of the model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfbridge.io import atomic_dir
+from hfbridge.parallel import checkpoint as ckpt
+from hfbridge.parallel.launch import under_torchrun
+from hfbridge.parallel.mesh import ParallelConfig, build_device_mesh, parse_axis_dims, parse_axis_names
+
+DEFAULT_SAVE_EVERY = 100
+DEFAULT_KEEP_LAST = 3
+
+
+@dataclass
+class Job:
+    """A running parallel fine-tuning job (one per process)."""
+
+    rank: int
+    world_size: int
+    local_world_size: int
+    mesh: Any
+    config: ParallelConfig
+    checkpoint_dir: Path | None
+    save_every: int
+    keep_last: int
+    resume: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def wanted(cfg) -> bool:
+    """Whether a fine-tuning config asks for the parallel path (under torchrun, a mesh, or checkpoints)."""
+    return under_torchrun() or bool(getattr(cfg, "sharding_axis_dims", None)) or bool(getattr(cfg, "checkpoint_dir", None))
+
+
+def parallel_config(cfg) -> ParallelConfig:
+    dims = cfg.sharding_axis_dims
+    names = cfg.sharding_axis_names
+    kwargs: dict[str, Any] = {"cpu_offload": bool(cfg.cpu_offload)}
+    if dims:
+        kwargs["sharding_axis_dims"] = parse_axis_dims(dims) if isinstance(dims, str) else tuple(dims)
+    if names:
+        kwargs["sharding_axis_names"] = parse_axis_names(names) if isinstance(names, str) else tuple(names)
+    if cfg.param_dtype:
+        kwargs["param_dtype"] = cfg.param_dtype
+    if cfg.reduce_dtype:
+        kwargs["reduce_dtype"] = cfg.reduce_dtype
+    return ParallelConfig(**kwargs)
+
+
+def start(cfg) -> Job | None:
+    """Join (or, for one process with checkpoints, create) the process group and build the mesh; ``None`` when the
+    config asks for nothing parallel. Mesh sizes that do not fit the world size fail here, before any loading."""
+    if not wanted(cfg):
+        return None
+    config = parallel_config(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config.axis_sizes(world)  # a clear error now if the sizes do not match the world
+    if cfg.load_in_4bit and world > 1:
+        raise ValueError("--load-in-4bit cannot be combined with several processes: FSDP2 and tensor parallelism "
+                         "need plain floating-point weights (train QLoRA on one device)")
+    if not torch.distributed.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if under_torchrun():
+            torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        else:  # one process: a group of one, so the same code path (and checkpoint format) applies
+            torch.distributed.init_process_group(
+                "nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = build_device_mesh(config, world, device_type)
+    return Job(
+        rank=torch.distributed.get_rank(), world_size=world,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), mesh=mesh, config=config,
+        checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
+        save_every=cfg.save_every or DEFAULT_SAVE_EVERY, keep_last=cfg.keep_last or DEFAULT_KEEP_LAST,
+        resume=bool(cfg.resume),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def output_dir(job: Job | None, output: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Rank 0 writes the (atomic) output folder; the other ranks get a scratch folder that is removed after."""
+    if job is None or job.is_main:
+        with atomic_dir(output, overwrite=overwrite) as work:
+            yield work
+            if job is not None:
+                job.barrier()  # every rank has finished its part (gathers for saving) before the rename
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="hfbridge-rank-"))
+    try:
+        yield scratch
+        job.barrier()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def trainer_kwargs(job: Job | None) -> dict[str, Any]:
+    """Strategy, devices, nodes and checkpoint callback for ``pl.Trainer`` (nothing without a job)."""
+    if job is None:
+        return {}
+    from hfbridge.parallel.strategy import MeshParallelStrategy, ShardedCheckpoint
+
+    kwargs: dict[str, Any] = {
+        "strategy": MeshParallelStrategy(job.config, keep_last=job.keep_last),
+        "accelerator": "cuda" if torch.cuda.is_available() else "cpu",
+        "devices": job.local_world_size,
+        "num_nodes": max(1, job.world_size // job.local_world_size),
+    }
+    if job.checkpoint_dir is not None:
+        kwargs["callbacks"] = [ShardedCheckpoint(job.checkpoint_dir, job.save_every, job.keep_last)]
+    return kwargs
+
+
+def resume_path(job: Job | None) -> str | None:
+    """The checkpoint folder to resume from, when ``--resume`` and it holds a complete checkpoint."""
+    if job is None or not job.resume or job.checkpoint_dir is None:
+        return None
+    if not ckpt.complete_checkpoints(job.checkpoint_dir):
+        if job.is_main:
+            print(f"[hfbridge] --resume: no complete checkpoint in {job.checkpoint_dir} yet; starting from scratch",
+                  flush=True)
+        return None
+    return str(job.checkpoint_dir)
+
+
+def eval_model(job: Job | None, module):
+    """The model to evaluate or generate with: the module's own, or on a job a gathered unsharded copy on rank 0
+    (``None`` on the other ranks, which wait)."""
+    if job is None:
+        return module.model
+    from hfbridge.parallel.export import gather_plain_model
+
+    return gather_plain_model(module)
+
+
+def finish(job: Job | None) -> None:
+    if job is not None and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,157 @@
+"""Build a model without its weights, parallelize it, then let each rank load only its own shards.
+
+No rank holds the whole model when it does not have to:
+
+* :func:`skeleton` builds the architecture on the meta device (parameters take no memory; buffers such as
+  rotary frequencies are real, they are computed, not loaded);
+* the model is parallelized there (:func:`hfbridge.parallel.apply.parallelize_model`);
+* :func:`materialize` allocates each rank's shards and fills them: straight from the safetensors files, each
+  rank reading only its slices (``torch.distributed.checkpoint.HuggingFaceStorageReader``), or, when the
+  weights are not all in the files (random init, or a transform such as LoRA that adds initialised weights),
+  rank 0 builds the full model once and broadcasts it shard by shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfbridge.models import loading
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightSource:
+    """Where a skeleton's weights come from, and how the full model would be built (for the broadcast path)."""
+
+    path: Path
+    load_pretrained_weights: bool
+    dtype: torch.dtype
+    attn_implementation: str | None
+    trust_remote_code: bool
+    transform: Callable | None = None
+    auto_class: Any = None
+    rng_state: torch.Tensor | None = None  # the random state when the skeleton was built (the transform draws from it)
+
+
+def skeleton_for(module, auto_class=None, model_name=None) -> nn.Module:
+    """The meta-device skeleton of an ``HFAutoModelForCausalLM``'s model, remembering where its weights are."""
+    from hfbridge.parallel.apply import UnsupportedParallelismError
+
+    if module.load_in_4bit:
+        raise UnsupportedParallelismError(
+            "load_in_4bit with a device mesh is not supported: FSDP2 and tensor parallelism need plain "
+            "floating-point parameters, and bitsandbytes 4-bit weights are not. Train QLoRA on one device, or "
+            "shard the model without load_in_4bit"
+        )
+    name = module.model_name if model_name is None else model_name
+    source = WeightSource(
+        path=loading.resolve_model_path(name, module.trust_remote_code),
+        load_pretrained_weights=module.load_pretrained_weights,
+        dtype=loading.resolve_dtype(module.default_dtype),
+        attn_implementation=module.attn_implementation,
+        trust_remote_code=module.trust_remote_code,
+        transform=module.model_transform,
+        auto_class=auto_class,
+        rng_state=torch.get_rng_state(),
+    )
+    return skeleton(source)
+
+
+def skeleton(source: WeightSource) -> nn.Module:
+    """The model of ``source`` on the meta device (buffers real), ready to be parallelized."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = loading.load_config(source.path, source.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = loading._from_config_with_attention_fallback(
+            source.auto_class or AutoModelForCausalLM, config, source.attn_implementation, dtype=source.dtype,
+            trust_remote_code=source.trust_remote_code,
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
+    model._hfbridge_weight_source = source
+    return model
+
+
+def is_skeleton(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _build_full(source: WeightSource) -> dict[str, torch.Tensor]:
+    """Rank 0's full state dict: load (or random-init) and transform exactly as one process would."""
+    model = loading.load_pretrained_model(
+        source.path, auto_class=source.auto_class, load_pretrained_weights=source.load_pretrained_weights,
+        dtype=source.dtype,
+        attn_implementation=source.attn_implementation, trust_remote_code=source.trust_remote_code,
+    )
+    if source.transform is not None:
+        result = source.transform(model)
+        model = model if result is None else result
+    return model.state_dict()
+
+
+def materialize(model: nn.Module, mesh=None) -> str:
+    """Allocate this rank's shards of a parallelized skeleton and fill them; returns how (``"sharded"`` or
+    ``"broadcast"``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    source: WeightSource = model._hfbridge_weight_source
+    device = torch.device("cpu")
+    if mesh is not None and mesh.device_type != "cpu":
+        device = torch.device(mesh.device_type, torch.accelerator.current_device_index())
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+    if source.load_pretrained_weights and source.transform is None and _has_safetensors(source.path):
+        load_shards_from_safetensors(model, source.path)
+        return "sharded"
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    full = {}
+    if rank == 0:  # draw random initial weights (LoRA's, a random init) as one process would have
+        if source.rng_state is not None:
+            torch.set_rng_state(source.rng_state)
+        full = _build_full(source)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if torch.distributed.is_initialized():  # and leave every rank where that one process would be
+        state = [torch.get_rng_state()]
+        torch.distributed.broadcast_object_list(state, src=0)
+        torch.set_rng_state(state[0])
+    return "broadcast"
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(Path(path).glob("*.safetensors"))
+
+
+def load_shards_from_safetensors(model: nn.Module, path: str | Path) -> None:
+    """Each rank reads its slices of every weight from the model folder's safetensors files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    reader = dcp.HuggingFaceStorageReader(str(path))
+    in_files = set(reader.read_metadata().state_dict_metadata)
+    state = get_model_state_dict(model)
+    buffers = {name for name, _ in model.named_buffers()}
+    twins: dict[int, list[str]] = {}  # tied weights (lm_head = embed_tokens) are one parameter under two names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        twins.setdefault(id(param), []).append(name)
+    loaded_through = {name: names for names in twins.values() for name in names}
+    wanted = {key: value for key, value in state.items() if key in in_files}
+    for key in state:
+        if key in in_files or key in buffers:
+            continue
+        if any(twin in in_files for twin in loaded_through.get(key, ())):
+            continue
+        raise KeyError(f"weight {key!r} of the model is not in the safetensors files of {path}")
+    dcp.load(wanted, storage_reader=reader)

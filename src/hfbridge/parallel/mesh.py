@@ -1,0 +1,196 @@
+"""The ``(dp, fsdp, tp, sp)`` device mesh and the settings of a parallel run.
+
+``sharding_axis_dims`` gives the size of each axis named in ``sharding_axis_names``; one of them may be ``-1``
+and is inferred from the world size. What the axes mean:
+
+* ``dp``: replicas (hybrid sharding replicates over ``dp``);
+* ``fsdp``: FSDP2 shards parameters, gradients and optimizer state over it;
+* ``tp``: tensor parallelism (attention heads and MLP columns split over it);
+* ``sp``: sequence parallelism. Its ranks split the sequence of the activations between the attention and MLP
+  blocks (norms, residual stream). As in Megatron-LM and torchtitan this rides on the tensor-parallel
+  collectives, so the ``sp`` ranks join the ``tp`` ranks in one model-parallel group of ``tp * sp`` ranks that
+  splits the weights too.
+
+Ranks with different ``(dp, fsdp)`` coordinates see different data; the ``tp * sp`` ranks of one group see the
+same batch. The mesh is laid out in the order ``dp, fsdp, tp, sp`` whatever the order of the names, so the
+model-parallel ranks are neighbours (the same node when there are several).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+AXIS_NAMES: tuple[str, ...] = ("dp", "fsdp", "tp", "sp")
+DEFAULT_AXIS_DIMS: tuple[int, ...] = (1, -1, 1, 1)
+DATA_AXES = ("dp", "fsdp")
+MODEL_AXES = ("tp", "sp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How a model is spread over the processes of a ``torchrun`` job.
+
+    Args:
+        sharding_axis_dims: size of each axis; one ``-1`` is inferred from the world size.
+        sharding_axis_names: the axes those sizes belong to, a permutation of (a subset of) dp, fsdp, tp, sp;
+            an axis left out has size 1.
+        partition_rules: ordered ``(regex, placement)`` pairs for tensor parallelism; the first regex that
+            matches (``re.search``) a parameter's name wins. ``placement`` is ``"colwise"``, ``"rowwise"``,
+            ``"replicate"`` or a ``torch.distributed.tensor.parallel.ParallelStyle``. Every parameter must
+            match a rule. ``None`` uses the model's own Hugging Face ``_tp_plan`` or the built-in plans.
+        param_dtype: dtype of the parameters during forward/backward (FSDP2 ``MixedPrecisionPolicy``); ``None``
+            keeps the loaded dtype.
+        reduce_dtype: dtype of the gradient reduction; ``None`` is float32.
+        cpu_offload: keep sharded parameters, gradients and optimizer state in host memory (FSDP2
+            ``CPUOffloadPolicy``).
+        activation_checkpointing: recompute each decoder block's activations in the backward pass.
+        reshard_after_forward: free the gathered parameters of a block after its forward (ZeRO-3); ``False``
+            keeps them until the backward (ZeRO-2 like, faster, more memory).
+    """
+
+    sharding_axis_dims: tuple[int, ...] = DEFAULT_AXIS_DIMS
+    sharding_axis_names: tuple[str, ...] = AXIS_NAMES
+    partition_rules: tuple[tuple[str, Any], ...] | None = None
+    param_dtype: str | torch.dtype | None = None
+    reduce_dtype: str | torch.dtype | None = "float32"
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sharding_axis_dims", tuple(int(d) for d in self.sharding_axis_dims))
+        object.__setattr__(self, "sharding_axis_names", tuple(self.sharding_axis_names))
+        if self.partition_rules is not None:
+            object.__setattr__(self, "partition_rules", tuple(tuple(r) for r in self.partition_rules))
+        check_axis_names(self.sharding_axis_dims, self.sharding_axis_names)
+
+    def axis_sizes(self, world_size: int) -> dict[str, int]:
+        """``{axis: size}`` for all four axes, with the ``-1`` resolved for ``world_size`` processes."""
+        dims = resolve_axis_dims(self.sharding_axis_dims, world_size)
+        sizes = dict.fromkeys(AXIS_NAMES, 1)
+        sizes.update(zip(self.sharding_axis_names, dims))
+        return sizes
+
+
+def check_axis_names(dims: Sequence[int], names: Sequence[str]) -> None:
+    if len(dims) != len(names):
+        raise ValueError(f"sharding_axis_dims {tuple(dims)} and sharding_axis_names {tuple(names)} differ in length")
+    unknown = [n for n in names if n not in AXIS_NAMES]
+    if unknown:
+        raise ValueError(f"sharding_axis_names {tuple(names)}: unknown axis {unknown[0]!r}; use {', '.join(AXIS_NAMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"sharding_axis_names {tuple(names)} repeat a name")
+
+
+def resolve_axis_dims(axis_dims: Sequence[int], world_size: int) -> tuple[int, ...]:
+    """Replace the one ``-1`` in ``axis_dims`` so the product is ``world_size``; raise when that is impossible."""
+    dims = tuple(int(d) for d in axis_dims)
+    if any(d == 0 or d < -1 for d in dims):
+        raise ValueError(f"sharding_axis_dims {dims}: each entry must be a positive int or -1")
+    free = [i for i, d in enumerate(dims) if d == -1]
+    if len(free) > 1:
+        raise ValueError(f"sharding_axis_dims {dims}: at most one -1 is allowed, found {len(free)}")
+    known = math.prod(d for d in dims if d != -1)
+    if free:
+        if world_size % known:
+            raise ValueError(
+                f"sharding_axis_dims {dims}: the fixed sizes multiply to {known}, which does not divide the world "
+                f"size {world_size}, so the -1 cannot be inferred"
+            )
+        return tuple(world_size // known if d == -1 else d for d in dims)
+    if known != world_size:
+        raise ValueError(
+            f"sharding_axis_dims {dims} multiply to {known} but the world size is {world_size} processes; "
+            "the product must equal the world size (or put -1 on one axis to infer it)"
+        )
+    return dims
+
+
+def parse_axis_dims(text: str) -> tuple[int, ...]:
+    """``"1,-1,2,1"`` -> ``(1, -1, 2, 1)`` (the command line's ``--sharding-axis-dims``)."""
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"--sharding-axis-dims {text!r}: give comma-separated integers, e.g. 1,-1,2,1") from None
+
+
+def parse_axis_names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_device_mesh(config: ParallelConfig, world_size: int | None = None, device_type: str = "cpu"):
+    """The 4-D ``DeviceMesh`` ``(dp, fsdp, tp, sp)`` of ``config`` over the initialised process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size is None:
+        world_size = torch.distributed.get_world_size()
+    sizes = config.axis_sizes(world_size)
+    return init_device_mesh(device_type, tuple(sizes[a] for a in AXIS_NAMES), mesh_dim_names=AXIS_NAMES)
+
+
+@dataclass
+class MeshLayout:
+    """The sub-meshes of a 4-D mesh that parallelism uses.
+
+    ``data`` is the 2-D ``(dp, fsdp)`` mesh FSDP2 shards over (hybrid: replicated over dp, sharded over fsdp);
+    ``data_flat`` the same ranks as one group (token counts, sampler shards); ``model`` the 1-D tensor/sequence
+    parallel mesh of ``tp * sp`` ranks (``None`` when that is 1).
+    """
+
+    mesh: Any
+    data: Any
+    data_flat: Any
+    model: Any
+    sizes: dict[str, int]
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.sizes["dp"] * self.sizes["fsdp"]
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.sizes["tp"] * self.sizes["sp"]
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.sizes["sp"] > 1
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.data_flat.get_local_rank()
+
+
+_LAYOUTS: dict[int, MeshLayout] = {}
+
+
+def mesh_layout(mesh) -> MeshLayout:
+    """The :class:`MeshLayout` of a mesh built by :func:`build_device_mesh`, or of Lightning's 2-D
+    ``("data_parallel", "tensor_parallel")`` mesh (read as fsdp x tp)."""
+    key = id(mesh)
+    if key in _LAYOUTS and _LAYOUTS[key].mesh is mesh:
+        return _LAYOUTS[key]
+    names = tuple(mesh.mesh_dim_names or ())
+    if names == ("data_parallel", "tensor_parallel"):
+        sizes = {"dp": 1, "fsdp": mesh["data_parallel"].size(), "tp": mesh["tensor_parallel"].size(), "sp": 1}
+        data = mesh["data_parallel"]
+        data_flat = data
+        model = mesh["tensor_parallel"] if sizes["tp"] > 1 else None
+    elif names == AXIS_NAMES:
+        sizes = {a: mesh[a].size() for a in AXIS_NAMES}
+        data = mesh["dp", "fsdp"]
+        data_flat = data._flatten("dp_fsdp")
+        model = mesh["tp", "sp"]._flatten("tp_sp") if sizes["tp"] * sizes["sp"] > 1 else None
+    else:
+        raise ValueError(
+            f"a device mesh with axes {names} is not understood: build it with hfbridge.parallel.build_device_mesh "
+            f"(axes {AXIS_NAMES}) or use Lightning's ModelParallelStrategy mesh"
+        )
+    layout = MeshLayout(mesh, data, data_flat, model, sizes)
+    _LAYOUTS[key] = layout
+    return layout

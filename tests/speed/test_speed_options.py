@@ -1,0 +1,105 @@
+"""Speed options: activation checkpointing, torch.compile and Liger give the same loss and gradients (or a clear
+message where they cannot run)."""
+
+import pytest
+import torch
+
+from hfbridge import CausalLMDataModule, HFAutoModelForCausalLM, LoRA
+from hfbridge.models import speed
+
+
+def _module(path, **kwargs):
+    torch.manual_seed(0)
+    module = HFAutoModelForCausalLM(model_name=str(path), **kwargs)
+    module.configure_model()
+    return module
+
+
+def _batch(module, records):
+    dm = CausalLMDataModule(module.tokenizer, records, batch_size=4)
+    dm.setup()
+    return dm.packed_collator(dm.train_samples[:4])
+
+
+def _loss_and_grads(module, batch):
+    module.model.zero_grad()
+    loss = module.training_step(dict(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b):
+    (loss, grads), (ref_loss, ref_grads) = a, b
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    assert set(grads) == set(ref_grads) and grads
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, prompt_data, lora):
+    def transform():
+        return LoRA(r=4, alpha=8, dropout=0.0) if lora else None
+
+    ref = _module(tiny_model_dir, model_transform=transform())
+    ckpt = _module(tiny_model_dir, model_transform=transform(), activation_checkpointing=True)
+    base = ckpt.model.get_base_model() if lora else ckpt.model
+    assert all(layer.gradient_checkpointing for layer in base.model.layers)
+    batch = _batch(ref, prompt_data)
+    _assert_same(_loss_and_grads(ckpt, batch), _loss_and_grads(ref, batch))
+
+
+def test_activation_checkpointing_on_a_model_without_it_is_a_clear_error(tiny_model_dir):
+    def unsupported(model):
+        model.supports_gradient_checkpointing = False
+
+    module = HFAutoModelForCausalLM(
+        model_name=str(tiny_model_dir), model_transform=unsupported, activation_checkpointing=True
+    )
+    with pytest.raises(ValueError, match="does not support it"):
+        module.configure_model()
+
+
+def test_compile_option_compiles_every_decoder_layer(tiny_model_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(speed, "compile_layers", lambda model, **kw: calls.append(model))
+    module = _module(tiny_model_dir, compile=True)
+    assert calls == [module.model]
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients(tiny_model_dir, prompt_data):
+    torch._dynamo.reset()
+    ref = _module(tiny_model_dir)
+    compiled = _module(tiny_model_dir)
+    assert speed.compile_layers(compiled.model, backend="eager") == compiled.model.config.num_hidden_layers
+    batch = _batch(ref, prompt_data)
+    try:
+        _assert_same(_loss_and_grads(compiled, batch), _loss_and_grads(ref, batch))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_liger_without_the_package_is_a_clear_error(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: False)
+    with pytest.raises(ImportError, match="pip install liger-kernel"):
+        HFAutoModelForCausalLM(model_name=str(tiny_model_dir), liger=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without a GPU")
+def test_liger_without_a_gpu_warns_and_trains_with_the_chunked_loss(tiny_model_dir, prompt_data, monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    with pytest.warns(UserWarning, match="need a CUDA GPU"):
+        module = _module(tiny_model_dir, liger=True)
+    ref = _module(tiny_model_dir)
+    batch = _batch(ref, prompt_data)
+    _assert_same(_loss_and_grads(module, batch), _loss_and_grads(ref, batch))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not speed.liger_installed(), reason="needs a GPU and liger")
+def test_liger_on_gpu_gives_the_same_loss(tiny_model_dir, prompt_data):
+    ref = _module(tiny_model_dir, default_dtype="float32").cuda()
+    module = _module(tiny_model_dir, default_dtype="float32", liger=True).cuda()
+    batch = {k: v.cuda() for k, v in _batch(ref, prompt_data).items()}
+    loss, ref_loss = module.training_step(dict(batch)), ref.training_step(dict(batch))
+    assert torch.allclose(loss, ref_loss, atol=1e-4)

@@ -1,0 +1,216 @@
+"""HFAutoModelForImageTextToText on tiny random models of three families: loss, training, saving, generation."""
+
+import importlib.util
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vlm_helpers import chat, square
+
+import hfbridge
+from hfbridge import HFAutoModelForImageTextToText, LoRA, OptimizerConfig, masked_cross_entropy
+from hfbridge.data.demo_vision import shape_records
+from hfbridge.data.vision import VisionDataModule, load_vision_records, prompt_and_reference
+from hfbridge.losses import IGNORE_INDEX
+from hfbridge.models.image_text import generate
+
+RED, BLUE = (214, 39, 40), (31, 119, 180)
+
+
+def _module(model_dir, **kwargs):
+    module = HFAutoModelForImageTextToText(model_name=str(model_dir), **kwargs)
+    module.configure_model()
+    return module
+
+
+def _batch(module, records):
+    dm = VisionDataModule(module.processor, records, batch_size=len(records))
+    dm.setup()
+    return dm.collator(dm.train_samples)
+
+
+def _colour_records():
+    return [chat(("user", "<img>What colour is the shape?"), ("assistant", name), images=[square(rgb)])
+            for name, rgb in (("red", RED), ("blue", BLUE))]
+
+
+def test_importable_from_hfbridge_with_the_seed_api():
+    assert hfbridge.HFAutoModelForImageTextToText is HFAutoModelForImageTextToText
+    module = HFAutoModelForImageTextToText(model_name="x", load_in_4bit=False)
+    for name in ("model_name", "_processor", "model", "loss_fn", "load_pretrained_weights", "is_hf_model",
+                 "model_transform", "trust_remote_code", "load_in_4bit"):
+        assert hasattr(module, name), name
+    assert module.loss_fn is masked_cross_entropy and module.default_dtype == "auto"
+
+
+def test_training_step_loss_is_the_masked_loss_of_shifted_labels(vlm_dir):
+    """The module's loss equals masked_cross_entropy on the model's logits, and equals the model's own loss given
+    unshifted labels (transformers shifts them itself): the labels are shifted once, the same tokens counted."""
+    module = _module(vlm_dir)
+    batch = _batch(module, shape_records(4, seed=1))
+    loss = module.training_step(dict(batch))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
+    reference = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    with torch.no_grad():
+        logits = reference(**inputs).logits
+        unshifted = torch.cat([torch.full_like(batch["labels"][:, :1], IGNORE_INDEX), batch["labels"][:, :-1]], 1)
+        hf_loss = reference(**inputs, labels=unshifted).loss
+    assert torch.allclose(loss, masked_cross_entropy(logits, batch["labels"]), atol=1e-5)
+    assert torch.allclose(loss, hf_loss, atol=1e-5)
+
+
+def test_loss_falls_and_the_model_answers_after_training(vlm_dir):
+    torch.manual_seed(0)
+    module = _module(vlm_dir)
+    batch = _batch(module, _colour_records())
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = module.training_step(dict(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses
+    prompts = [prompt_and_reference(r)[0] for r in load_vision_records(_colour_records())]
+    # the answer, and then the end-of-turn token (learned, so generation stops)
+    assert generate(module.model, module.processor, prompts, max_new_tokens=8) == ["red", "blue"]
+
+
+def test_save_then_reload_with_plain_transformers_gives_the_same_logits(vlm_dir, tmp_path):
+    module = _module(vlm_dir)
+    records = shape_records(3, seed=2)
+    batch = _batch(module, records)
+    module.training_step(dict(batch)).backward()
+    with torch.no_grad():
+        for p in module.model.parameters():  # a step away from the saved random weights
+            p.add_(0.01 * torch.randn_like(p))
+    module.save_pretrained(tmp_path / "saved")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "saved")
+    reloaded = VisionDataModule(processor, records, batch_size=3)
+    reloaded.setup()
+    batch2 = reloaded.collator(reloaded.train_samples)
+    assert torch.equal(batch["input_ids"], batch2["input_ids"]) and torch.equal(batch["labels"], batch2["labels"])
+    module.model.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
+        assert torch.allclose(module.model(**inputs).logits, model(**inputs).logits, atol=1e-6)
+
+
+def test_batched_generation_equals_one_at_a_time(vlm_dir):
+    module = _module(vlm_dir)
+    prompts = [prompt_and_reference(r)[0] for r in load_vision_records(shape_records(4, seed=3))]
+    prompts.append(load_vision_records([chat(("user", "Hello"), ("assistant", "x"))])[0])  # no image
+    prompts[-1] = prompt_and_reference(prompts[-1])[0]
+    batched = generate(module.model, module.processor, prompts, max_new_tokens=5, batch_size=5)
+    alone = [generate(module.model, module.processor, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_validation_step_logs_the_token_weighted_val_loss(vlm_dirs):
+    module = HFAutoModelForImageTextToText(model_name=str(vlm_dirs["llava"]))
+    val = shape_records(5, seed=4)
+    dm = VisionDataModule(module.processor, shape_records(4), val_data=val, batch_size=2)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=0)
+    trainer.validate(module, dm)
+    logged = float(trainer.callback_metrics["val_loss"])
+    # reference: the sum of token losses over the whole validation set, divided by its number of label tokens
+    batch = _batch(module, val)
+    with torch.no_grad():
+        logits = module.model(**{k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}).logits
+    assert logged == pytest.approx(float(masked_cross_entropy(logits, batch["labels"])), rel=1e-5)
+
+
+def test_trainer_fit_with_gradient_accumulation_matches_one_large_batch(vlm_dirs):
+    """Per-token normalisation over the optimizer step holds for image batches: 2 micro-batches of 2 give the
+    gradients of one batch of 4."""
+
+    class Capture(pl.Callback):
+        grads = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            Capture.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    records = shape_records(4, seed=5)
+    grads = []
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        module = HFAutoModelForImageTextToText(model_name=str(vlm_dirs["idefics3"]),
+                                               optim=OptimizerConfig(lr=1e-3, warmup_steps=0))
+        dm = VisionDataModule(module.processor, records, batch_size=batch_size, seed=1)
+        pl.Trainer(max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()]).fit(module, dm)
+        grads.append(Capture.grads)
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("frozen", ["vision", "language"])
+def test_freezing_the_vision_tower_or_the_language_model(vlm_dir, frozen):
+    module = _module(vlm_dir, model_transform=LoRA(r=4), freeze_vision_tower=frozen == "vision",
+                     freeze_language_model=frozen == "language")
+    base = module.model.get_base_model()
+    part = base.get_encoder(modality="image") if frozen == "vision" else base.get_decoder()
+    other = base.get_decoder() if frozen == "vision" else base.get_encoder(modality="image")
+    assert not any(p.requires_grad for p in part.parameters())  # its LoRA adapters included
+    assert any(p.requires_grad for p in other.parameters())
+    before = {n: p.detach().clone() for n, p in part.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-2)
+    module.training_step(dict(_batch(module, _colour_records()))).backward()
+    optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in part.named_parameters())
+
+
+def test_processor_property_setter_and_skipped_ids(vlm_dirs):
+    module = HFAutoModelForImageTextToText(model_name=str(vlm_dirs["gemma3"]))
+    assert module._processor is None
+    processor = module.processor  # configured lazily from model_name
+    assert module.tokenizer is processor.tokenizer
+    ids = module.extract_skipped_token_ids(module.tokenizer)
+    assert isinstance(ids, torch.IntTensor) and processor.tokenizer.convert_tokens_to_ids("<end_of_turn>") not in ids
+    other = AutoProcessor.from_pretrained(vlm_dirs["llava"])
+    module.processor = other
+    assert module.processor is other
+    assert HFAutoModelForImageTextToText.configure_processor(str(vlm_dirs["llava"])).chat_template
+
+
+def test_lora_adapter_saves_alone_and_merged(vlm_dirs, tmp_path):
+    module = _module(vlm_dirs["gemma3"], model_transform=LoRA(r=4))
+    module.save_pretrained(tmp_path / "adapter")
+    module.save_pretrained(tmp_path / "merged", merged=True)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter" / "processor_config.json").exists()
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+
+
+def test_the_default_model_is_the_tiny_random_demo(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HFBRIDGE_CACHE", str(tmp_path))
+    module = HFAutoModelForImageTextToText()
+    assert module.model_name == "tiny-random-vlm" and "random weights" in caplog.text
+    module.configure_model()
+    assert type(module.model).__name__ == "LlavaForConditionalGeneration"
+    assert (tmp_path / "tiny-vlm" / "llava-v1" / "config.json").exists()
+
+
+def test_a_text_only_model_has_no_multimodal_processor(tiny_model_dir):
+    with pytest.raises(ValueError, match="has no multimodal processor"):
+        HFAutoModelForImageTextToText.configure_processor(str(tiny_model_dir))
+
+
+def test_a_processor_that_needs_torchvision_says_so(tmp_path, tiny_tokenizer):
+    """Qwen2-VL's processor has a video processor that imports torchvision (not installable beside this torch)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
+    from transformers import Qwen2VLImageProcessorPil
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    Qwen2VLImageProcessorPil().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    (tmp_path / "video_preprocessor_config.json").write_text(
+        json.dumps({"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor"}))
+    with pytest.raises(ValueError, match="(?s)could not load the processor.*needs torchvision"):
+        HFAutoModelForImageTextToText.configure_processor(str(tmp_path))
