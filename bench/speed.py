@@ -121,7 +121,7 @@ class Recorder:
         last = self.step_end[s - 1]
         tokens = sum(self.micro_tokens[w * a : s * a])
         walls = [self.start[0]] + [t[0] for t in self.step_end]
-        return {"tokens": tokens, "seconds": last[0] - first[0], "cpu_seconds": last[1] - first[1],
+        return {**peak_memory(self.cuda), "tokens": tokens, "seconds": last[0] - first[0], "cpu_seconds": last[1] - first[1],
                 "loss": self.losses[-1], "losses": self.losses,
                 "step_seconds": [round(b - a_, 2) for a_, b in zip(walls, walls[1:])]}
 
@@ -139,14 +139,25 @@ def heldout_loss(model, args, tokenizer) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(samples), 8):
-            batch = collate(samples[i : i + 8])
+        for i in range(0, len(samples), 4):
+            batch = collate(samples[i : i + 4])
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                            use_cache=False).logits
             labels = batch["labels"].to(device)
             total += float(masked_cross_entropy(logits, labels, reduction="sum"))
             count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
+
+
+def peak_memory(cuda: bool) -> dict:
+    """The process's peak RSS so far (and CUDA's max allocated): taken when training ends, before scoring."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if cuda:
+        import torch
+
+        out["cuda_max_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def count_labels(batch) -> int:
@@ -382,10 +393,6 @@ def child(args) -> None:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = RUNNERS[system.kind](args, system)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.device == "cuda":
-        result["cuda_max_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        result["gpu"] = torch.cuda.get_device_name()
     result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -407,8 +414,17 @@ def _fmt_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _ratio(results: dict, name: str, key: str, of: str) -> str:
+    """``results[name][key] / results[of][key]`` where both ran; speed keys are tokens per (CPU) second."""
+    a, b = results.get(name, {}), results.get(of, {})
+    if "error" in a or "error" in b or not a or not b:
+        return ""
+    value = (lambda r: r["tokens"] / r[key]) if key in ("seconds", "cpu_seconds") else (lambda r: r[key])
+    return f"{value(a) / value(b):.2f}"
+
+
 def report(args, results: dict[str, dict]) -> None:
-    """The results as a Markdown table, with every system's ratios to hfbridge's defaults."""
+    """The results as a Markdown table, every system's speed and memory relative to TRL's (padded and packed)."""
     gpu = args.device == "cuda"
     mem_key, mem_name = ("cuda_max_alloc_mb", "CUDA max alloc MB") if gpu else ("peak_rss_mb", "peak RSS MB")
     flops = model_flops_per_token(args) if gpu and args.mode == "full" else None
@@ -418,30 +434,27 @@ def report(args, results: dict[str, dict]) -> None:
           f"lr={args.lr}, torch threads={next((r['threads'] for r in results.values() if 'threads' in r), '?')}")
     print(versions())
     header = ["system", "label tok/s", "label tok/CPU-s", mem_name, "final loss", "held-out loss",
-              "hfbridge speed x (wall)", "hfbridge speed x (CPU)", "hfbridge memory x"] + (["MFU"] if flops else [])
+              "speed / TRL padded (wall, CPU)", "speed / TRL packed (wall, CPU)", "memory / TRL padded"]
+    header += ["MFU"] if flops else []
     print(_fmt_row(header))
     print(_fmt_row(["---"] * len(header)))
-    base = results.get("hfbridge")
-    base = base if base and "error" not in base else None
     for name, r in results.items():
         if "error" in r:
             print(_fmt_row([name, f"n/a: {r['error']}"] + [""] * (len(header) - 2)))
             continue
         wall, cpu = r["tokens"] / r["seconds"], r["tokens"] / r["cpu_seconds"]
         cells = [name, f"{wall:.1f}", f"{cpu:.1f}", f"{r[mem_key]:.0f}", f"{r['loss']:.4f}", f"{r['heldout_loss']:.4f}"]
-        if base:
-            cells += [f"{base['tokens'] / base['seconds'] / wall:.2f}",
-                      f"{base['tokens'] / base['cpu_seconds'] / cpu:.2f}", f"{base[mem_key] / r[mem_key]:.2f}"]
-        else:
-            cells += ["", "", ""]
+        for base in ("trl", "trl-packing"):
+            cells.append(f"{_ratio(results, name, 'seconds', base)}, {_ratio(results, name, 'cpu_seconds', base)}")
+        cells.append(_ratio(results, name, mem_key, "trl"))
         if flops:
             peak = next((v for k, v in PEAK_FLOPS.items() if k in r.get("gpu", "")), None)
             cells.append(f"{wall * flops / peak:.1%}" if peak else "n/a")
         print(_fmt_row(cells))
     print("final loss: the last optimizer step's training loss; held-out loss: per-token loss on the same held-out "
-          "samples after training; label tok/CPU-s: per second of the process's CPU time (steadier than wall time "
-          "on a shared machine); hfbridge x: hfbridge's figure over the system's (speed: >1 is hfbridge faster; "
-          "memory: <1 is hfbridge smaller)")
+          "samples after training; label tok/CPU-s: per second of the process's own CPU time (steadier than wall "
+          "time on a shared machine); speed / X: label tokens per second over X's (>1: faster than X); "
+          "memory / TRL padded: peak memory over TRL padded's (<1: smaller)")
 
 
 def run_child(name: str, args) -> dict:

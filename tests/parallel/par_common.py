@@ -69,7 +69,7 @@ class Recorder:
 
 def fit(model_dir, *, lora: bool = False, activation_checkpointing: bool = False, parallel=None, devices: int = 1,
         steps: int = STEPS, callbacks=(), ckpt_path=None, dp_size: int = 1, data=None, keep_last=None,
-        log_path=None):
+        log_path=None, lightning_2d: bool = False):
     """Fit a few steps; the global batch is GLOBAL_BATCH whatever the number of data-parallel ranks."""
     import lightning.pytorch as pl
 
@@ -92,8 +92,13 @@ def fit(model_dir, *, lora: bool = False, activation_checkpointing: bool = False
     if parallel is not None:
         from hfbridge.parallel.strategy import MeshParallelStrategy
 
-        kwargs = {"strategy": MeshParallelStrategy(parallel, keep_last=keep_last), "accelerator": "cpu",
-                  "devices": devices}
+        strategy = MeshParallelStrategy(parallel, keep_last=keep_last)
+        if lightning_2d:  # Lightning's own 2-D strategy: (data_parallel, tensor_parallel) read as fsdp x tp
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            sizes = parallel.axis_sizes(devices)
+            strategy = ModelParallelStrategy(data_parallel_size=sizes["fsdp"], tensor_parallel_size=sizes["tp"])
+        kwargs = {"strategy": strategy, "accelerator": "cpu", "devices": devices}
     trainer = pl.Trainer(
         max_steps=steps, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

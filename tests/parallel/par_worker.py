@@ -20,7 +20,7 @@ from par_common import fit, probe_ids  # noqa: E402
 
 
 def parity(out: Path, *jobs: str) -> None:
-    """Each job is ``MODEL_DIR|DIMS|FLAGS`` (flags: lora, ac, save). Saves the step losses, the first step's full
+    """Each job is ``MODEL_DIR|DIMS|FLAGS`` (flags: lora, ac, save, offload, bf16, lightning2d). Saves the step losses, the first step's full
     gradients, a sharded checkpoint, the logits of :func:`probe_ids`, and with ``save`` a consolidated
     ``save_pretrained`` folder."""
     import os
@@ -32,10 +32,12 @@ def parity(out: Path, *jobs: str) -> None:
     for job in jobs:
         model_dir, dims_text, flags = (job.split("|") + [""])[:3]
         tag = job.replace("/", "_").replace("|", "+")
-        config = ParallelConfig(sharding_axis_dims=tuple(int(d) for d in dims_text.split(",")))
+        config = ParallelConfig(sharding_axis_dims=tuple(int(d) for d in dims_text.split(",")),
+                                cpu_offload="offload" in flags, param_dtype="bfloat16" if "bf16" in flags else None)
         sizes = config.axis_sizes(world)
         recorder, module, trainer = fit(model_dir, lora="lora" in flags, activation_checkpointing="ac" in flags,
-                                        parallel=config, devices=world, dp_size=sizes["dp"] * sizes["fsdp"])
+                                        parallel=config, devices=world, dp_size=sizes["dp"] * sizes["fsdp"],
+                                        lightning_2d="lightning2d" in flags)
         trainer.save_checkpoint(out / f"ck-{tag}" / "step-00000003")
         with torch.no_grad():
             module.model.eval()

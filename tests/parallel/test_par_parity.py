@@ -1,5 +1,6 @@
 """Losses and gradients on 2 and 4 CPU processes (gloo) equal one process on the same global batch; sharded
 checkpoints and ``save_pretrained`` consolidate into folders plain transformers loads with the same logits.
+(With bf16 parameters the losses are only close: that job shows the mixed-precision policy is applied.)
 
 One ``torchrun`` per world size runs all its jobs (a job: model, mesh sizes, flags); the single-process
 references run here. Each job fits 3 optimizer steps of 2 accumulated micro-batches, with gradient clipping.
@@ -48,12 +49,14 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, qwen3_tied_dir):
     out = tmp_path_factory.mktemp("parity-2")
     m, q = str(tiny_model_dir), str(qwen3_tied_dir)
     jobs = {
-        "fsdp=2": f"{m}|1,2,1,1|save",
+        "fsdp=2 + cpu offload": f"{m}|1,2,1,1|offload save",
         "tp=2": f"{m}|1,1,2,1|save",
         "dp=2": f"{m}|2,1,1,1|",
         "sp=2": f"{m}|1,1,1,2|",
         "qwen3 tied, sp=2": f"{q}|1,1,1,2|save",
         "lora + activation checkpointing, fsdp=2": f"{m}|1,2,1,1|lora ac save",
+        "tp=2 + bf16 parameters": f"{m}|1,1,2,1|bf16",
+        "tp=2 under Lightning's own ModelParallelStrategy": f"{m}|1,1,2,1|lightning2d",
     }
     return out, jobs, _jobs(2, out, jobs.values())
 
@@ -74,6 +77,10 @@ def _check(runs, references):
         ref_losses, ref_grads, ref_logits = references(model_dir, lora="lora" in flags, ac="ac" in flags)
         result = torch.load(out / f"result-{_tag(job)}.pt")
         assert len(losses[job]) == len(ref_losses) == 3, name
+        if "bf16" in flags:  # mixed precision: bf16 compute, fp32 gradient reduction; close, not equal
+            assert losses[job] == pytest.approx(ref_losses, abs=2e-2), name
+            assert losses[job] != pytest.approx(ref_losses, abs=1e-6), name
+            continue
         assert losses[job] == pytest.approx(ref_losses, abs=ATOL), name
         assert result["grads"].keys() == ref_grads.keys(), name
         for param, grad in ref_grads.items():
@@ -98,7 +105,7 @@ def test_the_test_can_fail(references, tiny_model_dir):
 
 
 @pytest.mark.parametrize("runs, name", [
-    ("two_process_runs", "fsdp=2"), ("two_process_runs", "tp=2"), ("two_process_runs", "qwen3 tied, sp=2"),
+    ("two_process_runs", "fsdp=2 + cpu offload"), ("two_process_runs", "tp=2"), ("two_process_runs", "qwen3 tied, sp=2"),
     ("four_process_runs", "fsdp=2 x tp=2"),
 ])
 def test_checkpoints_of_any_layout_export_to_plain_transformers(request, runs, name, tmp_path):

@@ -29,3 +29,38 @@ def chat(*turns, images=()):
             content = parts
         messages.append({"role": role, "content": content})
     return {"messages": messages}
+
+
+GLOBAL_BATCH = 4
+
+
+def fit_vlm(model_dir, *, parallel=None, devices: int = 1, dp_size: int = 1, steps: int = 3):
+    """Full fine-tuning of a tiny VLM for a few optimizer steps on the shapes task (global batch GLOBAL_BATCH, two
+    accumulated micro-batches); returns the step recorder (losses, first step's full gradients) and the module."""
+    import lightning.pytorch as pl
+    from par_common import Recorder
+
+    from hfbridge import HFAutoModelForImageTextToText, OptimizerConfig
+    from hfbridge.data.demo_vision import shape_records
+    from hfbridge.data.vision import VisionDataModule
+
+    torch_seed = 0
+    import torch
+
+    torch.manual_seed(torch_seed)
+    module = HFAutoModelForImageTextToText(
+        model_name=str(model_dir), optim=OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="linear"), parallel=parallel,
+    )
+    dm = VisionDataModule(module.processor, shape_records(16, seed=3), batch_size=GLOBAL_BATCH // 2 // dp_size, seed=1)
+    recorder = Recorder.make()
+    kwargs = {}
+    if parallel is not None:
+        from hfbridge.parallel.strategy import MeshParallelStrategy
+
+        kwargs = {"strategy": MeshParallelStrategy(parallel), "accelerator": "cpu", "devices": devices}
+    trainer = pl.Trainer(
+        max_steps=steps, accumulate_grad_batches=2, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder], num_sanity_val_steps=0, **kwargs,
+    )
+    trainer.fit(module, dm)
+    return recorder, module

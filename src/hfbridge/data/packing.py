@@ -14,8 +14,9 @@ ignores ``position_ids`` would silently attend across samples.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,7 @@ def packing_is_exact(model: nn.Module, rtol: float | None = None) -> tuple[bool,
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager():
             alone = torch.cat([model(input_ids=x[None], use_cache=False).logits[0] for x in (a, b)]).float()
             packed = model(input_ids=torch.cat([a, b])[None], position_ids=positions[None], use_cache=False)
             packed = packed.logits[0].float()
@@ -138,6 +139,17 @@ def packing_is_exact(model: nn.Module, rtol: float | None = None) -> tuple[bool,
     if err > rtol * scale:
         return False, f"packed logits differ from per-sample logits by {err:.3g} (the attention crosses samples)"
     return True, "packed logits equal per-sample logits"
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled modules eagerly (a probe's tiny inference forward is not worth a compilation)."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 def uses_flash_attention(model: nn.Module) -> bool:

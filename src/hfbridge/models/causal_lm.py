@@ -154,6 +154,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         else:
             model = self._load_model()
         model = _apply(self.model_transform, model)
+        self._after_transform(model)
         self._apply_speed_options(model)
         model = self._parallelize(model)
         model = _apply(self.model_accelerator, model)
@@ -182,6 +183,9 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             load_in_4bit=self.load_in_4bit,
             trust_remote_code=self.trust_remote_code,
         )
+
+    def _after_transform(self, model: nn.Module) -> None:
+        """Subclasses' changes to the loaded (and transformed) model before it is parallelized; none here."""
 
     def _parallelize(self, model: nn.Module) -> nn.Module:
         """Where tensor/sequence parallelism and FSDP2 are applied when a device mesh is given: all of it is in
@@ -329,6 +333,15 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1000
         optimizer, scheduler = build_optimizer(self.model, self.optim, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping; on a device mesh, by the global norm of gradients that live on several meshes
+        (FSDP-only and tensor-parallel parameters), which ``torch.nn.utils.clip_grad_norm_`` cannot combine."""
+        if self._dp_mesh is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        from hfbridge.parallel.strategy import clip_grad_norm_
+
+        clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
 
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, path: str | os.PathLike, merged: bool = False, overwrite: bool = True) -> Path:

@@ -48,7 +48,9 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
 
     hfbridge's own: ``freeze_language_model`` / ``freeze_vision_tower`` (no parameter of the language model and
     its output head, or of the vision tower, is trained; adapters inside them included), and the causal-LM
-    module's ``model_accelerator``, ``attn_implementation`` and ``optim``.
+    module's ``model_accelerator``, ``attn_implementation``, ``optim``, ``activation_checkpointing``, and
+    ``device_mesh`` / ``parallel`` (FSDP2 over a ``(dp, fsdp, tp, sp)`` mesh, as for causal LMs; see
+    docs/distributed.md).
 
     Batches are what :class:`hfbridge.data.vision.VisionDataModule` serves: the processor's outputs
     (``input_ids``, ``attention_mask``, ``pixel_values``, ...) plus ``labels`` and ``num_label_tokens``.
@@ -70,12 +72,16 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         model_accelerator: Callable | None = None,
         attn_implementation: str = "sdpa",
         optim: OptimizerConfig | None = None,
+        activation_checkpointing: bool = False,
+        device_mesh=None,
+        parallel=None,
     ):
         super().__init__(
             model_name=model_name, load_pretrained_weights=load_pretrained_weights, loss_fn=loss_fn,
             model_transform=model_transform, model_accelerator=model_accelerator,
             trust_remote_code=trust_remote_code, default_dtype=default_dtype, load_in_4bit=load_in_4bit,
             attn_implementation=attn_implementation, optim=optim,
+            activation_checkpointing=activation_checkpointing, device_mesh=device_mesh, parallel=parallel,
         )
         self._processor = processor
         self.freeze_language_model = freeze_language_model
@@ -134,13 +140,10 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         return skipped_token_ids(tokenizer)
 
     # ----------------------------------------------------------------------------------------------- model
-    def configure_model(self) -> None:
-        """Load (or randomly initialise) the model, then apply the transform, parallelism, accelerator, and the
-        freezing options. Idempotent."""
-        if self.model is not None:
-            return
-        super().configure_model()
-        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+    def _after_transform(self, model: nn.Module) -> None:
+        """The freezing options, applied before the model is sharded (FSDP2 then keeps frozen parameters out of
+        the optimizer's way) and on the meta-device skeleton alike."""
+        base = model.get_base_model() if is_peft_model(model) else model
         if self.freeze_vision_tower:
             tower = base.get_encoder(modality="image")
             if tower is base or tower is getattr(base, "model", None):

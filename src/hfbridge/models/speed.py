@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hfbridge.data.packing import eager
 from hfbridge.losses import _valid_mask, fused_linear_cross_entropy
 from hfbridge.peft import is_peft_model
 
@@ -88,7 +89,7 @@ def _check_split(model: nn.Module, split: HeadSplit) -> tuple[bool, str]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager():
             logits = model(input_ids=ids, use_cache=False).logits.float()
             ours = F.linear(split.hidden_states({"input_ids": ids}), weight, split.head.bias).float()
     except Exception as e:  # a model that cannot be split this way keeps its full logits

@@ -133,7 +133,10 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
         value = getattr(config, attr, None) if config is not None else None
         if value is not None:
             described[attr] = value
-    return {"class": type(model).__name__, "parameters": len(shapes), "shapes_sha256": digest, "config": described}
+    cls = type(model)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) > 1:  # FSDP2's wrapper class: name the model's
+        cls = cls.__bases__[-1]
+    return {"class": cls.__name__, "parameters": len(shapes), "shapes_sha256": digest, "config": described}
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:

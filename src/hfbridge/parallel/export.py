@@ -88,6 +88,11 @@ def export_hf(checkpoint: str | os.PathLike, model_source: str | os.PathLike, ou
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.tie_weights()
     meta = ckpt.read_meta(path)
+    if str(meta.get("fingerprint", {}).get("class", "")).startswith("Peft"):
+        raise ValueError(
+            f"checkpoint {path} is of an adapter run: its adapter is saved by save_pretrained at the end of the run "
+            "(hfbridge finetune writes adapter/ and model/); export_hf consolidates full fine-tuning checkpoints"
+        )
     ckpt.check_fingerprint(meta.get("fingerprint", {}), ckpt.model_fingerprint(model), path)
     prefix = STATE_PREFIX + meta.get("model_key_prefix", "")
     stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)

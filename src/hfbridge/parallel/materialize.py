@@ -114,8 +114,8 @@ def materialize(model: nn.Module, mesh=None) -> str:
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
     if source.load_pretrained_weights and source.transform is None and _has_safetensors(source.path):
-        load_shards_from_safetensors(model, source.path)
-        return "sharded"
+        if load_shards_from_safetensors(model, source.path):
+            return "sharded"
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     full = {}
     if rank == 0:  # draw random initial weights (LoRA's, a random init) as one process would have
@@ -134,24 +134,55 @@ def _has_safetensors(path: Path) -> bool:
     return any(Path(path).glob("*.safetensors"))
 
 
-def load_shards_from_safetensors(model: nn.Module, path: str | Path) -> None:
-    """Each rank reads its slices of every weight from the model folder's safetensors files."""
+def load_shards_from_safetensors(model: nn.Module, path: str | Path) -> bool:
+    """Each rank reads its slices of every weight from the model folder's safetensors files. Keys are matched
+    through transformers' checkpoint renamings (vision-language families store ``vision_tower.*`` for the module's
+    ``model.vision_tower.*``, ...). Returns False, having loaded nothing, when some weight of the model has no
+    one-to-one counterpart in the files (weights merged or split on load): the caller then broadcasts from rank 0."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     reader = dcp.HuggingFaceStorageReader(str(path))
     in_files = set(reader.read_metadata().state_dict_metadata)
     state = get_model_state_dict(model)
+    file_key = _file_keys(model, in_files, state)
     buffers = {name for name, _ in model.named_buffers()}
     twins: dict[int, list[str]] = {}  # tied weights (lm_head = embed_tokens) are one parameter under two names
     for name, param in model.named_parameters(remove_duplicate=False):
         twins.setdefault(id(param), []).append(name)
     loaded_through = {name: names for names in twins.values() for name in names}
-    wanted = {key: value for key, value in state.items() if key in in_files}
+    wanted = {file_key[key]: value for key, value in state.items() if key in file_key}
     for key in state:
-        if key in in_files or key in buffers:
+        if key in file_key or key in buffers:
             continue
-        if any(twin in in_files for twin in loaded_through.get(key, ())):
+        if any(twin in file_key for twin in loaded_through.get(key, ())):
             continue
-        raise KeyError(f"weight {key!r} of the model is not in the safetensors files of {path}")
+        log.info("weight %r of the model has no one-to-one counterpart in the safetensors files of %s: rank 0 "
+                 "loads the model and broadcasts it", key, path)
+        return False
     dcp.load(wanted, storage_reader=reader)
+    return True
+
+
+def _file_keys(model: nn.Module, in_files: set[str], state: dict) -> dict[str, str]:
+    """The model's state-dict key of each safetensors key, renamed as ``from_pretrained`` would (keys that a
+    converter merges or splits are left out)."""
+    mapping = {key: key for key in in_files if key in state}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conversions = get_model_conversion_mapping(model)
+    except Exception:  # an older transformers, or a model it has no mapping for
+        return mapping
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = dict.fromkeys(state)
+    for key in in_files:
+        if key in mapping:
+            continue
+        renamed, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None),
+                                             meta)
+        if pattern is None and renamed in state:
+            mapping[renamed] = key
+    return mapping

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +61,6 @@ class ParallelConfig:
     cpu_offload: bool = False
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "sharding_axis_dims", tuple(int(d) for d in self.sharding_axis_dims))

@@ -1,0 +1,78 @@
+"""FSDP2 applies to vision-language models as to causal LMs: a tiny LLaVA trained with fsdp=2 on two CPU processes
+(gloo) gives the losses and first-step gradients of one process on the same global batch, and its consolidated
+``save_pretrained`` folder loads in plain transformers with the logits of the single-process model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+from vlm_helpers import chat, fit_vlm, square
+
+HERE = Path(__file__).parent
+PARALLEL_TESTS = HERE.parent / "parallel"
+sys.path.insert(0, str(PARALLEL_TESTS))  # par_common's step recorder (gathers sharded gradients)
+
+
+def _probe(module_or_model, processor):
+    from hfbridge.data.vision import VisionDataModule
+
+    records = [chat(("user", "<img>What colour is the shape?"), ("assistant", "red"), images=[square()])]
+    dm = VisionDataModule(processor, records, batch_size=1)
+    dm.setup()
+    batch = dm.collator(dm.train_samples)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
+    with torch.no_grad():
+        return module_or_model.eval()(**inputs).logits
+
+
+def test_fsdp2_on_two_processes_equals_one_process(vlm_dirs, tmp_path):
+    model_dir = vlm_dirs["llava"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(PARALLEL_TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(HERE / "vlm_fsdp_worker.py"), str(tmp_path), str(model_dir)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+
+    recorder, module = fit_vlm(model_dir)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert len(losses) == len(recorder.losses) == 3
+    assert losses == pytest.approx(recorder.losses, abs=1e-5)
+    assert losses[-1] < losses[0]
+
+    grads = torch.load(tmp_path / "grads.pt")["grads"]
+    assert set(grads) == set(recorder.grads) and any("vision_tower" in name for name in grads)
+    for name, reference in recorder.grads.items():
+        torch.testing.assert_close(grads[name], reference, atol=1e-5, rtol=1e-4, msg=name)
+
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(_probe(saved, module.processor), _probe(module.model, module.processor),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "gemma3"])
+def test_each_rank_can_read_its_shards_from_the_files_under_their_saved_names(vlm_dirs, family):
+    """The files keep transformers' saved key names (``vision_tower.*`` for the module's ``model.vision_tower.*``):
+    the sharded loading path maps every weight to its file key rather than falling back to a full broadcast."""
+    from safetensors import safe_open
+
+    from hfbridge.parallel.materialize import _file_keys
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dirs[family])
+    in_files = set()
+    for path in Path(vlm_dirs[family]).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            in_files.update(f.keys())
+    state = model.state_dict()
+    mapping = _file_keys(model, in_files, state)
+    tied = {name for name in state if name.endswith("lm_head.weight") and model.config.get_text_config().tie_word_embeddings}
+    buffers = {name for name, _ in model.named_buffers()}
+    assert set(state) - buffers - tied <= set(mapping)
+    assert set(mapping.values()) <= in_files
+    if family == "llava":  # the family whose saved names differ from its module's
+        assert mapping["model.vision_tower.embeddings.class_embedding"] == "vision_tower.embeddings.class_embedding"
