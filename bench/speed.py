@@ -40,7 +40,7 @@ class System:
     kind: str  # hfbridge | trainer | trl
     packing: bool = False
     chunked_loss: bool = True
-    checkpointing: bool | None = None  # None: the system's own default
+    checkpointing: bool | str | int | None = None  # None: the system's own default (hfbridge: 'selective', k)
     compile: bool = False
     liger: bool = False
     note: str = ""
@@ -50,6 +50,11 @@ SYSTEMS = {
     "hfbridge": System("hfbridge", packing=True, note="defaults: packing, loss without full logits"),
     "hfbridge+ckpt": System("hfbridge", packing=True, checkpointing=True, note="+ activation checkpointing"),
     "hfbridge+compile": System("hfbridge", packing=True, compile=True, note="+ torch.compile of the layers"),
+    "hfbridge+sac": System("hfbridge", packing=True, checkpointing="selective",
+                           note="+ selective checkpointing (recompute pointwise ops only)"),
+    "hfbridge+ckpt2": System("hfbridge", packing=True, checkpointing=2, note="+ checkpointing every 2nd layer"),
+    "hfbridge+ckpt+compile": System("hfbridge", packing=True, checkpointing=True, compile=True,
+                                    note="+ activation checkpointing and torch.compile"),
     "hfbridge+liger": System("hfbridge", packing=True, liger=True, note="+ Liger kernels (CUDA only)"),
     "hfbridge-padded": System("hfbridge", chunked_loss=False, note="packing and chunked loss off (the old path)"),
     "trainer": System("trainer", note="transformers Trainer, padded"),
@@ -208,7 +213,7 @@ def run_hfbridge(args, system: System) -> dict:
     module = HFAutoModelForCausalLM(
         model_name=load_model(args, model_dtype(args)), tokenizer=tokenizer,
         optim=OptimizerConfig(lr=args.lr, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0, max_grad_norm=1.0),
-        chunked_loss=system.chunked_loss, activation_checkpointing=bool(system.checkpointing),
+        chunked_loss=system.chunked_loss, activation_checkpointing=system.checkpointing or False,
         compile=system.compile, liger=system.liger,
     )
     module.configure_model()

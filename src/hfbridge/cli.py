@@ -61,8 +61,9 @@ def _finetune_parser(sub) -> None:
     speed.add_argument("--pack-length", type=int, default=None, help="tokens per packed row (default: --max-length)")
     speed.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false", default=None,
                        help="compute the loss from the full tokens x vocabulary logits")
-    speed.add_argument("--activation-checkpointing", action="store_true", default=None,
-                       help="recompute activations in backward: less memory, about a third more compute")
+    speed.add_argument("--activation-checkpointing", nargs="?", const="full", default=None, metavar="full|selective|K",
+                       help="recompute activations in backward: 'full' (the default when given: every layer, least "
+                            "memory), 'selective' (every layer, recomputing only pointwise ops), or K (every K-th layer)")
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile the decoder layers")
     speed.add_argument("--liger", action="store_true", default=None,
                        help="Liger kernels on CUDA GPUs (needs liger-kernel; without a GPU: a warning, then PyTorch)")

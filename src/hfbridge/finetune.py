@@ -60,7 +60,7 @@ class FinetuneConfig:
     packing: bool | str = "auto"  # auto | on | off: padding-free packing where the model keeps samples apart
     pack_length: int | None = None  # tokens per packed row (default: max_length)
     chunked_loss: bool = True  # the loss without the full tokens x vocabulary logits
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str | int = False  # True/'full', 'selective', or k (every k-th layer)
     compile: bool = False  # torch.compile of the decoder layers
     liger: bool = False  # Liger kernels on CUDA GPUs (needs liger-kernel)
     # parallelism, checkpoints and launch (hfbridge.parallel, docs/distributed.md)
@@ -104,6 +104,9 @@ def check_inputs(cfg: FinetuneConfig) -> None:
         raise ValueError(f"max_length must be at least 2, got {cfg.max_length}")
     if cfg.load_in_4bit:
         loading.require_bitsandbytes()
+    from hfbridge.models.speed import check_checkpointing_mode
+
+    check_checkpointing_mode(cfg.activation_checkpointing)
 
 
 def make_trainer(cfg: FinetuneConfig, work: Path, max_grad_norm: float | None, job=None):

@@ -37,17 +37,37 @@ def _assert_same(a, b):
         assert torch.allclose(grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("mode", [True, "selective", 2])
 @pytest.mark.parametrize("lora", [False, True])
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, prompt_data, lora):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, prompt_data, lora, mode):
     def transform():
         return LoRA(r=4, alpha=8, dropout=0.0) if lora else None
 
     ref = _module(tiny_model_dir, model_transform=transform())
-    ckpt = _module(tiny_model_dir, model_transform=transform(), activation_checkpointing=True)
+    ckpt = _module(tiny_model_dir, model_transform=transform(), activation_checkpointing=mode)
     base = ckpt.model.get_base_model() if lora else ckpt.model
-    assert all(layer.gradient_checkpointing for layer in base.model.layers)
+    expected = [i % 2 == 0 for i in range(len(base.model.layers))] if mode == 2 else [True] * len(base.model.layers)
+    assert [layer.gradient_checkpointing for layer in base.model.layers] == expected
+    if mode == "selective":
+        assert base.model.layers[0]._gradient_checkpointing_func.keywords["context_fn"] is speed._selective_context
     batch = _batch(ref, prompt_data)
     _assert_same(_loss_and_grads(ckpt, batch), _loss_and_grads(ref, batch))
+
+
+def test_selective_checkpointing_keeps_matmul_outputs_and_recomputes_the_rest():
+    """The policy saves matrix products and attention, and recomputes pointwise ops."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    assert speed._save_matmuls_policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert speed._save_matmuls_policy(None, aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert speed._save_matmuls_policy(None, aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("bad", ["sometimes", 0, -2, 1.5])
+def test_a_bad_checkpointing_mode_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="activation_checkpointing=.*every k-th layer"):
+        HFAutoModelForCausalLM(model_name="x", activation_checkpointing=bad)
 
 
 def test_activation_checkpointing_on_a_model_without_it_is_a_clear_error(tiny_model_dir):

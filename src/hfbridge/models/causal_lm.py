@@ -51,7 +51,9 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             states of the trained positions only are projected, 512 at a time (or this many, given an int), with
             the same loss and gradients. On by default; models where the head cannot be split off, and a custom
             ``loss_fn``, use the full logits.
-        activation_checkpointing: recompute each decoder layer in backward instead of keeping its activations.
+        activation_checkpointing: recompute decoder layers in backward instead of keeping their activations:
+            ``True``/``"full"`` every layer, ``"selective"`` every layer but keeping matrix-product and attention
+            outputs (only pointwise ops are recomputed), an int ``k`` every k-th layer.
         compile: ``torch.compile`` each decoder layer (regional compilation).
         liger: Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA GPUs; needs
             ``liger-kernel``. Without a GPU it warns and uses the chunked PyTorch loss.
@@ -82,7 +84,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         attn_implementation: str = "sdpa",
         optim: OptimizerConfig | None = None,
         chunked_loss: bool | int = True,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | str | int = False,
         compile: bool = False,
         liger: bool = False,
         device_mesh=None,
@@ -108,7 +110,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self.optim = optim or OptimizerConfig()
         self._forward_keys: set[str] | None = None
         self.chunked_loss = chunked_loss
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing = speed.check_checkpointing_mode(activation_checkpointing)
         self.compile_layers = compile
         self.liger = liger
         self._head_split: tuple[nn.Module, speed.HeadSplit | None] | None = None
@@ -270,7 +272,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
     def _apply_speed_options(self, model: nn.Module) -> None:
         """Activation checkpointing and Liger kernels, in place (``torch.compile`` comes after parallelism)."""
         if self.activation_checkpointing:
-            speed.enable_activation_checkpointing(model)
+            speed.enable_activation_checkpointing(model, self.activation_checkpointing)
         if self.liger and speed.liger_usable():
             speed.apply_liger_kernels(model)
 

@@ -72,7 +72,7 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         model_accelerator: Callable | None = None,
         attn_implementation: str = "sdpa",
         optim: OptimizerConfig | None = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | str | int = False,
         device_mesh=None,
         parallel=None,
     ):

@@ -125,19 +125,81 @@ def linear_loss(
     return fused_linear_cross_entropy(hidden, head.weight, labels, loss_mask, chunk_size=chunk_size, bias=head.bias)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward (transformers' non-reentrant checkpointing)."""
+def enable_activation_checkpointing(model: nn.Module, mode: bool | str | int = True) -> None:
+    """Recompute decoder layers' activations in backward (transformers' non-reentrant checkpointing).
+
+    ``mode``: ``True`` / ``"full"`` checkpoints every layer (keeps only each layer's input); ``"selective"`` every
+    layer, but keeps the outputs of matrix products and attention, so only the cheap pointwise ops (norms,
+    activations, rotary, residual adds) are recomputed; an int ``k`` checkpoints every k-th layer in full.
+    """
+    mode = check_checkpointing_mode(mode)
+    if mode is False:
+        return
     base = _base(model)
     if not getattr(base, "supports_gradient_checkpointing", False) or not hasattr(base, "gradient_checkpointing_enable"):
-        raise ValueError(f"activation_checkpointing=True, but {type(base).__name__} does not support it")
+        raise ValueError(f"activation_checkpointing={mode!r}, but {type(base).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = _selective_context
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if isinstance(mode, int) and mode is not True and mode > 1:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i % mode == 0
     if is_peft_model(model) and hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()  # frozen embeddings: the checkpointed layers still get inputs with grad
     if getattr(base, "config", None) is not None:
         base.config.use_cache = False
+
+
+def check_checkpointing_mode(mode: bool | str | int | None) -> bool | str | int:
+    """``mode`` normalised (``"full"`` -> True, ``1`` -> True, ``"2"`` -> 2), or a clear error."""
+    if mode is None or mode is False or mode is True:
+        return bool(mode)
+    if isinstance(mode, str):
+        text = mode.strip().lower()
+        if text in ("full", "true", "on"):
+            return True
+        if text in ("false", "off", "none"):
+            return False
+        if text == "selective":
+            return "selective"
+        if text.isdigit():
+            mode = int(text)
+    if isinstance(mode, int) and mode >= 1:
+        return True if mode == 1 else mode
+    raise ValueError(
+        f"activation_checkpointing={mode!r}: use True/'full' (every layer), 'selective' (every layer, recomputing "
+        "only pointwise ops), an int k >= 1 (every k-th layer), or False"
+    )
+
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_matmuls_policy)
+
+
+def _saved_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "linear", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+_SAVED_OPS = _saved_ops()
 
 
 def compile_layers(model: nn.Module, **compile_kwargs) -> int:
