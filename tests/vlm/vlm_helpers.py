@@ -38,16 +38,14 @@ def fit_vlm(model_dir, *, parallel=None, devices: int = 1, dp_size: int = 1, ste
     """Full fine-tuning of a tiny VLM for a few optimizer steps on the shapes task (global batch GLOBAL_BATCH, two
     accumulated micro-batches); returns the step recorder (losses, first step's full gradients) and the module."""
     import lightning.pytorch as pl
+    import torch
     from par_common import Recorder
 
     from hfbridge import HFAutoModelForImageTextToText, OptimizerConfig
     from hfbridge.data.demo_vision import shape_records
     from hfbridge.data.vision import VisionDataModule
 
-    torch_seed = 0
-    import torch
-
-    torch.manual_seed(torch_seed)
+    torch.manual_seed(0)
     module = HFAutoModelForImageTextToText(
         model_name=str(model_dir), optim=OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="linear"), parallel=parallel,
     )

@@ -145,7 +145,7 @@ def enable_activation_checkpointing(model: nn.Module, mode: bool | str | int = T
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if isinstance(mode, int) and mode is not True and mode > 1:
+    if not isinstance(mode, bool) and isinstance(mode, int):  # every k-th layer (k > 1 after the check)
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
