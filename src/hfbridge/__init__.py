@@ -5,7 +5,7 @@ Heavy or optional parts (``hfbridge.jax``, the server) are imported lazily, on f
 
 from __future__ import annotations
 
-import importlib
+from hfbridge._shared import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -25,13 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hfbridge' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ Names are imported on first use, so that the command line starts without loading
 
 from __future__ import annotations
 
-import importlib
+from hfbridge._shared import lazy_exports
 
 _EXPORTS = {
     "LLM": "hfbridge.declarative.llm",
@@ -22,13 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hfbridge.declarative' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ Submodules are imported on first use, so ``import hfbridge.jax`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from hfbridge._shared import lazy_exports
 
 try:
     import jax as _jax  # noqa: F401
@@ -39,13 +39,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hfbridge.jax' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

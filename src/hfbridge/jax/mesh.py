@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
+
+from hfbridge._shared import resolve_axis_dims
 
 AxisNames = str | tuple[str, ...] | None
 
@@ -53,29 +54,6 @@ def available_backends() -> list[str]:
     return found
 
 
-def resolve_axis_dims(axis_dims: Sequence[int], n_devices: int) -> tuple[int, ...]:
-    """Replace the one ``-1`` in ``axis_dims`` so the product is ``n_devices``; raise when impossible."""
-    dims = tuple(int(d) for d in axis_dims)
-    if any(d == 0 or d < -1 for d in dims):
-        raise ValueError(f"sharding_axis_dims {dims}: each entry must be a positive int or -1")
-    free = [i for i, d in enumerate(dims) if d == -1]
-    if len(free) > 1:
-        raise ValueError(f"sharding_axis_dims {dims}: at most one -1 is allowed, found {len(free)}")
-    known = math.prod(d for d in dims if d != -1)
-    if free:
-        if n_devices % known:
-            raise ValueError(
-                f"sharding_axis_dims {dims}: the fixed dims multiply to {known}, which does not divide the "
-                f"{n_devices} available devices, so -1 cannot be inferred"
-            )
-        dims = tuple(n_devices // known if d == -1 else d for d in dims)
-    elif known != n_devices:
-        raise ValueError(
-            f"sharding_axis_dims {dims} multiply to {known} but there are {n_devices} devices; "
-            f"the product must equal the device count (or use one -1 to infer a dim)"
-        )
-    return dims
-
 
 def create_mesh(
     axis_dims: Sequence[int] = DEFAULT_AXIS_DIMS,
@@ -90,6 +68,6 @@ def create_mesh(
     if len(set(axis_names)) != len(axis_names):
         raise ValueError(f"sharding_axis_names {axis_names} repeat a name")
     devices = list(devices) if devices is not None else devices_for(backend)
-    dims = resolve_axis_dims(axis_dims, len(devices))
+    dims = resolve_axis_dims(axis_dims, len(devices), size_name="device count", unit="devices")
     grid = np.array(devices, dtype=object).reshape(dims)
     return Mesh(grid, axis_names, axis_types=(AxisType.Auto,) * len(axis_names))

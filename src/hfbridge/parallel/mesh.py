@@ -18,12 +18,13 @@ model-parallel ranks are neighbours (the same node when there are several).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hfbridge._shared import resolve_axis_dims  # noqa: F401  (re-exported by hfbridge.parallel)
 
 AXIS_NAMES: tuple[str, ...] = ("dp", "fsdp", "tp", "sp")
 DEFAULT_AXIS_DIMS: tuple[int, ...] = (1, -1, 1, 1)
@@ -86,29 +87,6 @@ def check_axis_names(dims: Sequence[int], names: Sequence[str]) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"sharding_axis_names {tuple(names)} repeat a name")
 
-
-def resolve_axis_dims(axis_dims: Sequence[int], world_size: int) -> tuple[int, ...]:
-    """Replace the one ``-1`` in ``axis_dims`` so the product is ``world_size``; raise when that is impossible."""
-    dims = tuple(int(d) for d in axis_dims)
-    if any(d == 0 or d < -1 for d in dims):
-        raise ValueError(f"sharding_axis_dims {dims}: each entry must be a positive int or -1")
-    free = [i for i, d in enumerate(dims) if d == -1]
-    if len(free) > 1:
-        raise ValueError(f"sharding_axis_dims {dims}: at most one -1 is allowed, found {len(free)}")
-    known = math.prod(d for d in dims if d != -1)
-    if free:
-        if world_size % known:
-            raise ValueError(
-                f"sharding_axis_dims {dims}: the fixed sizes multiply to {known}, which does not divide the world "
-                f"size {world_size}, so the -1 cannot be inferred"
-            )
-        return tuple(world_size // known if d == -1 else d for d in dims)
-    if known != world_size:
-        raise ValueError(
-            f"sharding_axis_dims {dims} multiply to {known} but the world size is {world_size} processes; "
-            "the product must equal the world size (or put -1 on one axis to infer it)"
-        )
-    return dims
 
 
 def parse_axis_dims(text: str) -> tuple[int, ...]:
