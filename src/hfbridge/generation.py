@@ -43,6 +43,19 @@ def input_budget(model, max_new_tokens: int, max_input_length: int | None = None
     return budget
 
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 names it ``cache``; before, ``past_key_values``
+
+
+def cache_argument(forward_parameters) -> str | None:
+    """The name under which a model's ``forward`` takes a KV cache (given its parameter names), or ``None``."""
+    return next((name for name in CACHE_ARGUMENTS if name in forward_parameters), None)
+
+
+def returned_cache(output):
+    """The KV cache a model's forward returned, under either name."""
+    return next((output.get(name) for name in CACHE_ARGUMENTS if output.get(name) is not None), None)
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)

@@ -101,6 +101,7 @@ def test_category_labels_are_scored_so_every_class_gets_a_probability(category_l
             assert float(out["sentiment::logits"][row, k]) == pytest.approx(-float(loss) * n, abs=1e-3)
         break  # one record covers it; the others only add time
     # The prompt's KV cache shared by the labels gives the scores of scoring every prompt + label in full.
+    assert llm._cache_argument() is not None  # the cached path is the one score_labels takes, on every release
     prompts, tails = [llm.encoder.prompt_ids(r) for r in records], llm._label_tail_ids()
     with torch.no_grad():
         cached, full = llm._score_part_cached(prompts, tails), llm._score_part_full(prompts, tails)

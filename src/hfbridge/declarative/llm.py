@@ -37,7 +37,7 @@ from hfbridge.declarative.encoding import SampleEncoder
 from hfbridge.declarative.features import OutputFeature, build_output_feature
 from hfbridge.declarative.prompt import PromptRenderer
 from hfbridge.declarative.schema import FeatureConfig, LLMConfig, dump_config, load_config, parse_config
-from hfbridge.generation import generate_ids, left_pad
+from hfbridge.generation import cache_argument, generate_ids, left_pad, returned_cache
 from hfbridge.io import atomic_dir
 from hfbridge.losses import IGNORE_INDEX
 from hfbridge.models import loading
@@ -404,6 +404,10 @@ class LLM:
             self._forward_keys = set(inspect.signature(base.forward).parameters)
         return key in self._forward_keys
 
+    def _cache_argument(self) -> str | None:
+        self._accepts("input_ids")  # reads the forward's parameters once
+        return cache_argument(self._forward_keys)
+
     def _logits(self, ids: torch.Tensor, attention: torch.Tensor, keep: int | None = None) -> torch.Tensor:
         """The model's logits for left-padded ``ids`` (position ids from the mask), the last ``keep`` only."""
         device = self._input_device()
@@ -476,7 +480,7 @@ class LLM:
         """
         tails = self._label_tail_ids()
         batch_size = batch_size or self.config_obj.trainer.eval_batch_size
-        cached = self._accepts("position_ids") and self._accepts("past_key_values")
+        cached = self._accepts("position_ids") and self._cache_argument() is not None
         score = self._score_part_cached if cached else self._score_part_full
         rows: list[torch.Tensor] = []
         with self._inference():
@@ -508,7 +512,7 @@ class LLM:
         longest = max(len(t) for t in tails)
         if longest == 1:
             return scores
-        cache = out.past_key_values
+        cache = returned_cache(out)
         cache.batch_repeat_interleave(k)
         width = longest - 1  # the tails but their last token, right-padded: they predict tokens 1..len-1
         cont = torch.full((len(part) * k, width), self.pad_id, dtype=torch.long)
@@ -520,7 +524,8 @@ class LLM:
         mask = torch.cat([attention.repeat_interleave(k, 0), cont_mask], dim=-1)
         start = attention.sum(-1).repeat_interleave(k, 0)[:, None]
         out = self.model(input_ids=cont.to(device), attention_mask=mask.to(device),
-                         position_ids=(start + torch.arange(width)).to(device), past_key_values=cache, use_cache=True)
+                         position_ids=(start + torch.arange(width)).to(device), use_cache=True,
+                         **{self._cache_argument(): cache})
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
         for row in range(len(part) * k):
             tail = tails[row % k]
