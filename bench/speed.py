@@ -186,7 +186,7 @@ def load_model(args, dtype):
     else:
         model = load_pretrained_model(args.model, dtype=dtype)
     if args.mode == "lora":
-        from hfbridge.peft import LoRA
+        from hfbridge.models.peft_adapters import LoRA
 
         model = LoRA(r=16, alpha=32, dropout=0.0)(model)
     return model

@@ -48,7 +48,7 @@ def micro_batches(samples, batch_size):
 
 
 def lora_transform(args):
-    from hfbridge.peft import LoRA
+    from hfbridge.models.peft_adapters import LoRA
 
     return LoRA(r=16, alpha=32, dropout=0.0) if args.mode == "lora" else None
 

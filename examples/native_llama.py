@@ -2,10 +2,10 @@
 
 The native model knows nothing of Hugging Face: ``Transformer(params)`` has ``tok_embeddings``, ``layers``,
 ``norm``, ``output`` and ``freqs_cis``; ``forward(tokens, start_pos)`` returns logits and keeps its own KV cache
-per layer, indexed by ``start_pos`` (the reference's inference cache). Two small departures from the reference:
-the cache stores detached keys/values and the current step's keys/values are concatenated to it, so the same
-forward trains (``start_pos=0``); and an optional transformers ``Cache`` (``past_key_values``) can replace the
-internal cache.
+per layer, indexed by ``start_pos`` (the reference's inference cache). Small departures from the reference: the
+cache stores detached keys/values and the current step's keys/values are concatenated to it, so the same forward
+trains (``start_pos=0``); an optional transformers ``Cache`` (``past_key_values``) can replace the internal cache;
+and ``decoder_forward`` optionally takes a padding mask and per-sequence positions (left-padded batches).
 
 The walk-through at the bottom (``LlamaDecoder``, ``Llama``, ``LlamaForCausalLM``) is the seed's, as written.
 Run ``python examples/native_llama.py`` to generate with a ``text-generation`` pipeline from a tiny random model.
@@ -64,6 +64,9 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Te
 
 def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ndim = x.ndim
+    if freqs_cis.ndim == 3:  # not in the reference: one row of positions per sequence (left padding)
+        assert freqs_cis.shape[0] in (1, x.shape[0]) and freqs_cis.shape[1:] == (x.shape[1], x.shape[-1])
+        return freqs_cis[:, :, None, :]
     assert freqs_cis.shape == (x.shape[1], x.shape[-1])
     shape = [d if i == 1 or i == ndim - 1 else 1 for i, d in enumerate(x.shape)]
     return freqs_cis.view(*shape)
@@ -198,12 +201,17 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
 
-def decoder_forward(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, past_key_values=None) -> torch.Tensor:
-    """The native transformer without its output layer: the normed hidden states, (batch, seq, dim)."""
+def decoder_forward(model: Transformer, tokens: torch.Tensor, start_pos: int = 0, past_key_values=None,
+                    padding_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The native transformer without its output layer: the normed hidden states, (batch, seq, dim).
+
+    Not in the reference: ``padding_mask`` (batch, start_pos + seq; 1 = attend, 0 = padding) hides padded keys, and
+    ``positions`` (batch, seq) rotates each sequence from its own positions -- together, left-padded batches.
+    """
     _bsz, seqlen = tokens.shape
     h = model.tok_embeddings(tokens)
     model.freqs_cis = model.freqs_cis.to(h.device)
-    freqs_cis = model.freqs_cis[start_pos : start_pos + seqlen]
+    freqs_cis = model.freqs_cis[start_pos : start_pos + seqlen] if positions is None else model.freqs_cis[positions]
 
     mask = None
     if seqlen > 1:
@@ -211,6 +219,10 @@ def decoder_forward(model: Transformer, tokens: torch.Tensor, start_pos: int = 0
         mask = torch.triu(mask, diagonal=1)
         # When performing key-value caching, we compute the attention scores only for the new sequence.
         mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+    if padding_mask is not None:  # the lowest finite value: a query that sees only padding stays finite
+        padding = torch.zeros(padding_mask.shape, dtype=h.dtype, device=h.device)
+        padding = padding.masked_fill(padding_mask.to(h.device) == 0, torch.finfo(h.dtype).min)[:, None, None, :]
+        mask = padding if mask is None else mask + padding
 
     for layer in model.layers:
         h = layer(h, start_pos, freqs_cis, mask, past_key_values)
@@ -277,6 +289,18 @@ class Llama(HFDecoderModelArchitecture):
 class LlamaForCausalLM(LMHeadModelLMHeadMixin, Llama):
     def __init__(self, model: Transformer, config: LlamaConfig, *args, **kwargs):
         super().__init__(model=model, config=config, bias=False, lm_head=model.output, *args, **kwargs)  # noqa: B026 (as in the seed)
+
+
+class ReorderingLlamaDecoder(LlamaDecoder):
+    """The walk-through's decoder plus the optional hook that reorders the native cache for beam search (without
+    it, the step after a reordering recomputes the whole sequence)."""
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> bool:
+        n = beam_idx.shape[0]
+        for layer in self.model.layers:
+            for cache in (layer.attention.cache_k, layer.attention.cache_v):
+                cache[:n] = cache[:n].index_select(0, beam_idx.to(cache.device))
+        return True
 
 
 # ------------------------------------------------------------------------------------ transformers' cache variant

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 
 def lazy_exports(module: str, exports: dict[str, str]) -> tuple[Callable, Callable]:
@@ -48,3 +49,16 @@ def resolve_axis_dims(axis_dims: Sequence[int], total: int, size_name: str = "wo
             f"the product must equal the {size_name} (or put -1 on one axis to infer it)"
         )
     return dims
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled modules eagerly (a probe's tiny inference forward is not worth a compilation)."""
+    import torch
+
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield

@@ -1,12 +1,9 @@
-"""Evaluate generation on held-out records: exact match of the generated answer against the reference."""
+"""Scoring generated answers: exact match against the references."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from hfbridge.data.formats import prompt_and_reference
-from hfbridge.generation import generate
 
 
 def normalise_answer(text: str) -> str:
@@ -26,15 +23,12 @@ class GenerationEval:
         return [normalise_answer(p) == normalise_answer(r) for p, r in zip(self.predictions, self.references)]
 
 
-def exact_match(
-    model, tokenizer, records: Sequence[dict], fmt: str, max_new_tokens: int = 32, batch_size: int = 16
-) -> GenerationEval:
-    """Generate greedily for each record's prompt and score exact match against its reference."""
-    if not records:
+def exact_match(predictions: Sequence[str], references: Sequence[str], prompts: Sequence | None = None) -> GenerationEval:
+    """The share of ``predictions`` equal to their ``references`` after :func:`normalise_answer`."""
+    if not references:
         raise ValueError("no records to evaluate")
-    pairs = [prompt_and_reference(r, fmt) for r in records]
-    prompts = [p for p, _ in pairs]
-    references = [r for _, r in pairs]
-    predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    scores = [normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)]
-    return GenerationEval(sum(scores) / len(scores), prompts, references, predictions)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    result = GenerationEval(0.0, list(prompts or []), list(references), list(predictions))
+    result.accuracy = sum(result.correct) / len(references)
+    return result

@@ -9,11 +9,11 @@ the model's context.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from hfbridge.data.formats import render_chat, render_prompt
+from hfbridge.data.formats import pad_id, render_chat, render_prompt
 from hfbridge.models.loading import context_length
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,70 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     return ids, mask
 
 
+def stop_ids(tokenizer, model=None) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and pad, and the EOS ids of the model's (or tokenizer's)
+    generation config."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    stops = {pad_id(tokenizer)}
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    for owner in (model, tokenizer):
+        eos = getattr(getattr(owner, "generation_config", None), "eos_token_id", None)
+        stops.update([eos] if isinstance(eos, int) else list(eos or []))
+    return stops
+
+
+def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for n, tok in enumerate(tokens):
+        if tok in stops:
+            return tokens[:n]
+    return tokens
+
+
 @torch.no_grad()
+def generate_batched(
+    model,
+    items: Sequence,
+    lengths: Sequence[int],
+    make_inputs: Callable[[list], dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    pad_token_id: int,
+    stops: set[int],
+    **generate_kwargs,
+) -> list[list[int]]:
+    """The one decoding loop of hfbridge: ``items`` sorted by ``lengths`` (batches carry little padding), in
+    batches of ``batch_size``, ``make_inputs(batch)`` gives the left-padded model inputs, greedy unless told
+    otherwise; returns each item's new tokens up to the first of ``stops``, in the original order."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("pad_token_id", pad_token_id)
+    if generate_kwargs["do_sample"] is False:
+        # Greedy decoding: do not inherit sampling settings from the model's generation config.
+        for key in ("temperature", "top_p", "top_k"):
+            generate_kwargs.setdefault(key, None)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    results: list[list[int] | None] = [None] * len(items)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_inputs([items[i] for i in idx]).items()}
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+            new = out[:, inputs["input_ids"].shape[1] :].tolist()
+            for i, tokens in zip(idx, new):
+                results[i] = _until_stop(tokens, stops)
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
 def generate_ids(
     model,
     tokenizer,
@@ -78,8 +141,6 @@ def generate_ids(
     **generate_kwargs,
 ) -> list[list[int]]:
     """Generated token ids (without the prompt) for each prompt, in order."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     budget = input_budget(model, max_new_tokens, max_input_length)
     if budget is not None:
@@ -88,44 +149,14 @@ def generate_ids(
             log.warning("%d of %d prompts were longer than %d tokens and keep only their last tokens",
                         cut, len(encoded), budget)
         encoded = [e[-budget:] for e in encoded]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generate_kwargs.setdefault("do_sample", False)
-    generate_kwargs.setdefault("pad_token_id", pad_id)
-    if generate_kwargs["do_sample"] is False:
-        # Greedy decoding: do not inherit sampling settings from the model's generation config.
-        generate_kwargs.setdefault("temperature", None)
-        generate_kwargs.setdefault("top_p", None)
-        generate_kwargs.setdefault("top_k", None)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    results: list[list[int] | None] = [None] * len(encoded)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = left_pad([encoded[i] for i in idx], pad_id)
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                **generate_kwargs,
-            )
-            new = out[:, ids.shape[1] :].tolist()
-            for i, tokens in zip(idx, new):
-                results[i] = _strip_after_eos(tokens, tokenizer, pad_id)
-    finally:
-        model.train(was_training)
-    return results  # type: ignore[return-value]
+    pad = pad_id(tokenizer)
 
+    def make_inputs(batch: list[list[int]]) -> dict:
+        ids, mask = left_pad(batch, pad)
+        return {"input_ids": ids, "attention_mask": mask}
 
-def _strip_after_eos(tokens: list[int], tokenizer, pad_id: int) -> list[int]:
-    stops = {tokenizer.eos_token_id, pad_id}
-    gen_eos = getattr(getattr(tokenizer, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        stops.add(gen_eos)
-    for n, tok in enumerate(tokens):
-        if tok in stops:
-            return tokens[:n]
-    return tokens
+    return generate_batched(model, encoded, [len(e) for e in encoded], make_inputs, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, pad_token_id=pad, stops=stop_ids(tokenizer, model), **generate_kwargs)
 
 
 def generate(
@@ -140,3 +171,30 @@ def generate(
     """Generate a completion for each prompt (strings or chat message lists), batched and left-padded."""
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, max_input_length, **generate_kwargs)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+
+
+def generate_image_text(
+    model, processor, records: Sequence, max_new_tokens: int = 32, batch_size: int = 8, **generate_kwargs
+) -> list[str]:
+    """Answer each image-text prompt (a :class:`~hfbridge.data.vision.VisionRecord` whose messages end before the
+    answer) through the one loop above: rendered with the chat template and its generation prompt as training
+    renders it, with its images, sorted by length, left-padded in batches. A prompt whose tokens leave no room for
+    ``max_new_tokens`` in the model's context is an error (its image tokens cannot be cut)."""
+    from hfbridge.data.vision import image_text_inputs, prompt_length
+
+    context = context_length(model.config) if hasattr(model, "config") else None
+
+    def make_inputs(batch: list) -> dict:
+        inputs = image_text_inputs(processor, batch)
+        if context is not None and inputs["input_ids"].shape[1] + max_new_tokens > context:
+            where = ", ".join(r.where for r in batch)
+            raise ValueError(f"{where}: a prompt of {inputs['input_ids'].shape[1]} tokens leaves no room for "
+                             f"max_new_tokens={max_new_tokens} in the model's context of {context}")
+        return dict(inputs)
+
+    ids = generate_batched(
+        model, list(records), [prompt_length(processor, r) for r in records], make_inputs,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, pad_token_id=pad_id(processor),
+        stops=stop_ids(processor, model), **generate_kwargs,
+    )
+    return [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]

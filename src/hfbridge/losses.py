@@ -6,7 +6,10 @@ reading ``input_ids[:, : t + 1]``. The shift happens once, in :func:`hfbridge.da
 per sample and before any padding or packing, so that a sample boundary is never trained across. The losses here
 therefore never shift.
 
-Positions that are not trained carry the label ``IGNORE_INDEX`` (-100) and/or a 0 in ``loss_mask``.
+Positions that are not trained carry the label ``IGNORE_INDEX`` (-100) and/or a 0 in ``loss_mask``. A batch may also
+carry ``NUM_LABEL_TOKENS_KEY``: the label tokens of its whole optimizer step (over gradient accumulation), which
+the data modules stamp and the model modules normalise the loss by. Both constants live here, the lowest layer,
+because data and models share them.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+NUM_LABEL_TOKENS_KEY = "num_label_tokens"
 
 
-def _valid_mask(targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def valid_mask(targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Where the loss is taken: label != -100 and mask != 0."""
     valid = targets != IGNORE_INDEX
     if mask is not None:
         if mask.shape != targets.shape:
@@ -28,7 +33,7 @@ def _valid_mask(targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 def count_label_tokens(targets: torch.Tensor, mask: torch.Tensor | None = None) -> int:
     """Number of positions that contribute to the loss (label != -100 and mask != 0)."""
-    return int(_valid_mask(targets, mask).sum())
+    return int(valid_mask(targets, mask).sum())
 
 
 def masked_cross_entropy(
@@ -50,7 +55,7 @@ def masked_cross_entropy(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    valid = _valid_mask(targets, mask)
+    valid = valid_mask(targets, mask)
     flat_logits = logits.reshape(-1, logits.size(-1))
     flat_targets = torch.where(valid, targets, torch.zeros_like(targets)).reshape(-1)
     per_token = F.cross_entropy(flat_logits.float(), flat_targets, reduction="none")
@@ -78,7 +83,7 @@ def chunked_linear_cross_entropy(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    valid = _valid_mask(targets, mask).reshape(-1)
+    valid = valid_mask(targets, mask).reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.size(-1))[valid]
     flat_targets = targets.reshape(-1)[valid]
     # Starts at 0 with a graph, so that a batch with nothing to train still backpropagates (zeros).
@@ -162,7 +167,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    valid = _valid_mask(targets, mask).reshape(-1)
+    valid = valid_mask(targets, mask).reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.size(-1))[valid]
     flat_targets = targets.reshape(-1)[valid]
     total = _LinearCrossEntropy.apply(flat_hidden, weight, bias, flat_targets, chunk_size)

@@ -7,8 +7,13 @@ from native_seq2seq import (
     NativeSeq2SeqConfig,
     NativeSeq2SeqForConditionalGeneration,
     NativeSeq2SeqModel,
+    Seq2SeqDecoder,
     Seq2SeqTransformer,
+    _pad_mask,
 )
+from transformers import EncoderDecoderCache
+from transformers.generation import GenerateEncoderDecoderOutput
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from hfbridge.adapters import shift_tokens_right
 
@@ -84,3 +89,32 @@ def test_save_and_reload(model, config, tmp_path):
         assert torch.equal(reloaded(input_ids=src, decoder_input_ids=dec).logits, model(input_ids=src, decoder_input_ids=dec).logits)
     base = NativeSeq2SeqModel(config, model=model.encoder.model)
     assert base(input_ids=src, decoder_input_ids=dec).last_hidden_state.shape == (1, 3, 64)
+
+
+class Seq2SeqDecoderWithHFCache(Seq2SeqDecoder):
+    """Cache mode ``hf`` in an encoder-decoder: the adapter keeps the decoder's token ids in the self-attention
+    part of the ``EncoderDecoderCache`` it is handed (as one-feature "keys") and recomputes from them."""
+
+    def _adapt(self, input_ids=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
+               **kwargs):
+        assert isinstance(past_key_values, EncoderDecoderCache)
+        new = input_ids[:, None, :, None].float()  # (batch, heads=1, new tokens, features=1)
+        seen, _ = past_key_values.self_attention_cache.update(new, new, 0)
+        ids = seen[:, 0, :, 0].long()
+        hidden = self.model.decode(ids, encoder_hidden_states, _pad_mask(encoder_attention_mask))
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden[:, -input_ids.shape[1]:])
+
+
+def test_hf_cache_mode_gets_an_encoder_decoder_cache_and_generates_the_same(model, config, native):
+    cached = NativeSeq2SeqForConditionalGeneration(config, model=native).eval()
+    cached.decoder = Seq2SeqDecoderWithHFCache(native, config)
+    assert cached.decoder.resolved_cache_mode == "hf"
+    src = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    for kwargs in (dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=5)):
+        torch.manual_seed(0)
+        expected = model.generate(src, attention_mask=mask, max_new_tokens=6, **kwargs)
+        torch.manual_seed(0)
+        assert torch.equal(cached.generate(src, attention_mask=mask, max_new_tokens=6, **kwargs), expected)
+    out = cached.generate(src, max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
+    assert isinstance(out, GenerateEncoderDecoderOutput) and len(out.scores) == out.sequences.shape[1] - 1

@@ -4,9 +4,9 @@ import pytest
 import torch
 from native_llama import (
     Llama,
-    LlamaDecoder,
     LlamaForCausalLM,
     LlamaWithHFCacheForCausalLM,
+    ReorderingLlamaDecoder,
     Transformer,
     model_args_from_config,
 )
@@ -79,17 +79,6 @@ def test_greedy_uses_the_native_cache_incrementally(wrapped, prompt_ids):
     wrapped.generate(prompt_ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     # the prompt once, then one new token per step at start_pos = tokens seen
     assert spy.calls == [(4, 0), (1, 4), (1, 5), (1, 6)]
-
-
-class ReorderingLlamaDecoder(LlamaDecoder):
-    """The walk-through's decoder plus the optional hook that reorders the native cache for beam search."""
-
-    def reorder_cache(self, beam_idx):
-        n = beam_idx.shape[0]
-        for layer in self.model.layers:
-            for cache in (layer.attention.cache_k, layer.attention.cache_v):
-                cache[:n] = cache[:n].index_select(0, beam_idx.to(cache.device))
-        return True
 
 
 def test_beam_search_native_cache_recompute_or_reorder(wrapped, native_transformer, llama_config, hf_llama, prompt_ids):

@@ -175,7 +175,7 @@ def test_quantization_the_device_cannot_do_is_refused_before_loading(tiny_model_
 def test_a_4bit_model_with_an_adapter_runs_on_the_cpu(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     llm = _llm(tiny_model_dir, "text", quantization={"bits": 4}, adapter={"type": "lora", "r": 4})
-    from hfbridge.peft import is_quantized
+    from hfbridge.models.peft_adapters import is_quantized
 
     assert is_quantized(llm.model)
     records = date_rows(2)

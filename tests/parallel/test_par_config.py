@@ -7,9 +7,9 @@ from hfbridge import HFAutoModelForCausalLM, cli
 from hfbridge.data.datamodule import CausalLMDataModule, EpochShuffleSampler
 from hfbridge.parallel import ParallelConfig, plans, resolve_axis_dims
 from hfbridge.parallel import checkpoint as ckpt
-from hfbridge.parallel.apply import UnsupportedParallelismError, check_supported
 from hfbridge.parallel.launch import maybe_launch, torchrun_command
 from hfbridge.parallel.mesh import MeshLayout, parse_axis_dims
+from hfbridge.parallel.parallelize import UnsupportedParallelismError, check_supported
 from hfbridge.testing import tiny_llama_config
 
 
@@ -214,4 +214,4 @@ def test_torchrun_command(monkeypatch):
     args = cli.build_parser().parse_args(["finetune", "--nproc-per-node", "2"])
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert maybe_launch(args, []) is None  # already under torchrun: run here
+    assert maybe_launch(cli.finetune_config(args).parallel, []) is None  # already under torchrun: run here

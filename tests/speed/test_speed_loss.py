@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hfbridge import CausalLMDataModule, HFAutoModelForCausalLM, LoRA, masked_cross_entropy
 from hfbridge.losses import fused_linear_cross_entropy
-from hfbridge.models.speed import split_head
+from hfbridge.models.chunked_loss import split_head
 from hfbridge.testing import build_tiny_causal_lm
 
 

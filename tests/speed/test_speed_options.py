@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hfbridge import CausalLMDataModule, HFAutoModelForCausalLM, LoRA
-from hfbridge.models import speed
+from hfbridge.models import liger
+from hfbridge.parallel import parallelize
 from hfbridge.testing import build_tiny_causal_lm
 
 
@@ -49,7 +50,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model_d
     expected = [i % 2 == 0 for i in range(len(base.model.layers))] if mode == 2 else [True] * len(base.model.layers)
     assert [layer.gradient_checkpointing for layer in base.model.layers] == expected
     if mode == "selective":
-        assert base.model.layers[0]._gradient_checkpointing_func.keywords["context_fn"] is speed._selective_context
+        assert base.model.layers[0]._gradient_checkpointing_func.keywords["context_fn"] is parallelize._selective_context
     batch = _batch(ref, prompt_data)
     _assert_same(_loss_and_grads(ckpt, batch), _loss_and_grads(ref, batch))
 
@@ -59,9 +60,9 @@ def test_selective_checkpointing_keeps_matmul_outputs_and_recomputes_the_rest():
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
-    assert speed._save_matmuls_policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
-    assert speed._save_matmuls_policy(None, aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
-    assert speed._save_matmuls_policy(None, aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert parallelize._save_matmuls_policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert parallelize._save_matmuls_policy(None, aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert parallelize._save_matmuls_policy(None, aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @pytest.mark.parametrize("bad", ["sometimes", 0, -2, 1.5])
@@ -83,7 +84,7 @@ def test_activation_checkpointing_on_a_model_without_it_is_a_clear_error(tiny_mo
 
 def test_compile_option_compiles_every_decoder_layer(tiny_model_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr(speed, "compile_layers", lambda model, **kw: calls.append(model))
+    monkeypatch.setattr(parallelize, "compile_layers", lambda model, **kw: calls.append(model))
     module = _module(tiny_model_dir, compile=True)
     assert calls == [module.model]
 
@@ -93,7 +94,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, tiny_tokeniz
     torch._dynamo.reset()
     ref = _module(one_layer)
     compiled = _module(one_layer)
-    assert speed.compile_layers(compiled.model, backend="eager") == 1  # tracing, not code generation: quick
+    assert parallelize.compile_layers(compiled.model, backend="eager") == 1  # tracing, not code generation: quick
     batch = _batch(ref, prompt_data)
     try:
         _assert_same(_loss_and_grads(compiled, batch), _loss_and_grads(ref, batch))
@@ -102,14 +103,14 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, tiny_tokeniz
 
 
 def test_liger_without_the_package_is_a_clear_error(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(speed, "liger_installed", lambda: False)
+    monkeypatch.setattr(liger, "liger_installed", lambda: False)
     with pytest.raises(ImportError, match="pip install liger-kernel"):
         HFAutoModelForCausalLM(model_name=str(tiny_model_dir), liger=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without a GPU")
 def test_liger_without_a_gpu_warns_and_trains_with_the_chunked_loss(tiny_model_dir, prompt_data, monkeypatch):
-    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    monkeypatch.setattr(liger, "liger_installed", lambda: True)
     with pytest.warns(UserWarning, match="need a CUDA GPU"):
         module = _module(tiny_model_dir, liger=True)
     ref = _module(tiny_model_dir)
@@ -118,7 +119,7 @@ def test_liger_without_a_gpu_warns_and_trains_with_the_chunked_loss(tiny_model_d
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not speed.liger_installed(), reason="needs a GPU and liger")
+@pytest.mark.skipif(not torch.cuda.is_available() or not liger.liger_installed(), reason="needs a GPU and liger")
 def test_liger_on_gpu_gives_the_same_loss(tiny_model_dir, prompt_data):
     ref = _module(tiny_model_dir, default_dtype="float32").cuda()
     module = _module(tiny_model_dir, default_dtype="float32", liger=True).cuda()

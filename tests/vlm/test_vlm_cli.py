@@ -10,7 +10,6 @@ from vlm_helpers import square
 from hfbridge import cli
 from hfbridge.data.demo_vision import write_shapes_data
 from hfbridge.data.vision import VisionDataModule
-from hfbridge.vlm_finetune import DEMO_RECIPE, vlm_config
 
 SMALL = ["--demo-train-size", "16", "--eval-samples", "4", "--max-steps", "3", "--batch-size", "4",
          "--max-new-tokens", "4", "--no-progress-bar"]
@@ -28,7 +27,7 @@ def test_the_default_job_trains_the_tiny_random_vlm_on_the_shapes_task(tmp_path,
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "image-text-to-text" and summary["optimizer_steps"] == 3
-    assert summary["config"]["lora"] is False and summary["config"]["lr"] == DEMO_RECIPE["lr"]
+    assert summary["config"]["peft"]["type"] == "none" and summary["config"]["optim"]["lr"] == 3e-3  # demo recipe
     # the saved model and processor are plain transformers, and they run on the saved data
     processor = AutoProcessor.from_pretrained(out / "model")
     model = AutoModelForImageTextToText.from_pretrained(out / "model")
@@ -47,14 +46,7 @@ def test_a_model_folder_trains_with_lora_and_saves_adapter_and_merged_model(vlm_
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "model" / "model.safetensors").exists()
     assert not (out / "data").exists()  # the demo data is written only when no --data is given
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["lora"] is True and summary["config"]["epochs"] == 1  # the usual defaults
-
-
-def test_options_left_out_follow_the_demo_recipe_only_for_the_demo_model():
-    assert (vlm_config().lora, vlm_config().epochs, vlm_config().lr) == (False, 6, 3e-3)
-    assert vlm_config(epochs=2, lr=None).epochs == 2
-    real = vlm_config(model="some/vlm")
-    assert (real.lora, real.epochs, real.lr) == (True, 1, None)
+    assert summary["config"]["peft"]["type"] == "lora" and summary["config"]["train"]["epochs"] == 1  # the usual defaults
 
 
 @pytest.mark.parametrize(
@@ -86,3 +78,57 @@ def test_a_text_model_is_refused_for_the_image_task(tiny_model_dir, tmp_path, ca
             "--output", str(tmp_path / "o")]
     assert cli.main(args) == 2
     assert "has no multimodal processor" in capsys.readouterr().err
+
+
+def test_speed_options_change_what_runs(vlm_dirs, tmp_path, monkeypatch):
+    """--activation-checkpointing and --compile reach the image-text module and are applied to its model;
+    --packing on is refused (image tokens must stay in their sample's row) before anything is loaded."""
+    from hfbridge.parallel import parallelize
+
+    applied = []
+    monkeypatch.setattr(parallelize, "enable_activation_checkpointing",
+                        lambda model, mode=True: applied.append(("checkpointing", mode)))
+    monkeypatch.setattr(parallelize, "compile_layers", lambda model, **kw: applied.append(("compile", True)) or 0)
+    train, _ = write_shapes_data(tmp_path / "data", n_train=4, n_test=1)
+    base = ["finetune", "--task", "image-text-to-text", "--model", str(vlm_dirs["llava"]), "--data", str(train),
+            "--max-steps", "1", "--batch-size", "2", "--no-progress-bar", "--full"]
+    assert cli.main([*base, "--output", str(tmp_path / "a"), "--activation-checkpointing", "selective",
+                     "--compile"]) == 0
+    assert applied == [("checkpointing", "selective"), ("compile", True)]
+    assert cli.main([*base, "--output", str(tmp_path / "b"), "--packing", "on"]) == 2
+    assert not (tmp_path / "b").exists()
+
+
+def test_two_processes_are_one_fsdp2_run_equal_to_one_process(vlm_dirs, tmp_path):
+    """`--nproc-per-node 2 --sharding-axis-dims 1,-1,1,1` is one two-rank FSDP2 run: the same step losses as one
+    process on the same global batch (2 x 2 = 4), and the same trained weights."""
+    import os
+    import subprocess
+    import sys
+
+    from hfbridge.reporting import read_metrics
+
+    train, _ = write_shapes_data(tmp_path / "data", n_train=16, n_test=1)
+    common = ["finetune", "--task", "image-text-to-text", "--model", str(vlm_dirs["llava"]), "--data", str(train),
+              "--full", "--lr", "1e-2", "--max-steps", "3", "--no-progress-bar", "--warmup-ratio", "0",
+              "--schedule", "constant", "--eval-samples", "1", "--show-samples", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    two = subprocess.run([sys.executable, "-m", "hfbridge", *common, "--output", str(tmp_path / "two"),
+                          "--batch-size", "2", "--nproc-per-node", "2", "--sharding-axis-dims", "1,-1,1,1"],
+                         env=env, capture_output=True, text=True, timeout=420)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-6000:]
+    assert "starting 2 processes" in two.stdout and two.stdout.count("trained 3 optimizer steps") == 1
+    one = subprocess.run([sys.executable, "-m", "hfbridge", *common, "--output", str(tmp_path / "one"),
+                          "--batch-size", "4"], env=env, capture_output=True, text=True, timeout=420)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-6000:]
+    losses = {name: [v for _, v in read_metrics(tmp_path / name / "metrics.csv")["train_loss"]]
+              for name in ("one", "two")}
+    assert len(losses["one"]) == 3 and losses["two"] == pytest.approx(losses["one"], abs=1e-5)
+    # The trained models answer alike (weights whose gradients are near zero can differ by Adam's normalised
+    # rounding noise, so the comparison is of what the models compute, on the training data).
+    processor = AutoProcessor.from_pretrained(tmp_path / "one" / "model")
+    batch = next(iter(VisionDataModule(processor, train, batch_size=4).train_dataloader()))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
+    logits = [AutoModelForImageTextToText.from_pretrained(tmp_path / name / "model").eval()(**inputs).logits
+              for name in ("one", "two")]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -13,8 +13,8 @@ import hfbridge
 from hfbridge import HFAutoModelForImageTextToText, LoRA, OptimizerConfig, masked_cross_entropy
 from hfbridge.data.demo_vision import shape_records
 from hfbridge.data.vision import VisionDataModule, load_vision_records, prompt_and_reference
+from hfbridge.generation import generate_image_text as generate
 from hfbridge.losses import IGNORE_INDEX
-from hfbridge.models.image_text import generate
 
 RED, BLUE = (214, 39, 40), (31, 119, 180)
 

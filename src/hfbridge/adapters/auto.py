@@ -306,9 +306,10 @@ class NativeDecoder(HFDecoder):
         if spec.use_cache and use_cache is not None:
             call[spec.use_cache] = use_cache
         tensor = main_tensor(self.model(**call), _forward_name(self.model))
+        # the cache was updated in place: the wrapper hands on the one it passed
         if spec.output == "logits":
-            return CausalLMOutputWithPast(logits=tensor, past_key_values=past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=tensor, past_key_values=past_key_values)
+            return CausalLMOutputWithPast(logits=tensor)
+        return BaseModelOutputWithPast(last_hidden_state=tensor)
 
 
 def _spec_for(config: NativeCausalLMConfig, native_model: nn.Module) -> ForwardSpec:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPast,
@@ -28,9 +28,11 @@ from transformers.modeling_outputs import (
     Seq2SeqModelOutput,
 )
 
-from hfbridge.adapters.cache import NativeCache
+from hfbridge.adapters.cache import NativeCache, output_cache, with_cache
+from hfbridge.adapters.decoding import NativeGenerationMixin
 
 CACHE_MODES = ("auto", "none", "internal", "hf")
+CACHE_ARGUMENTS = ("past_key_values", "cache")  # the names an ``_adapt`` may give a transformers cache
 _PART_NAMES = ("embedding", "lm_head")
 
 
@@ -97,16 +99,18 @@ class HFDecoder(_Adapter):
     ``BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=...)``.
 
     How generation caches keys and values is read from ``_adapt``'s named parameters (``cache_mode = "auto"``), or
-    set ``cache_mode`` on the class:
+    set ``cache_mode`` on the class. hfbridge's decoding loop (``generate``) and the wrapper's forward follow it:
 
     * ``"internal"`` (``_adapt`` names ``start_pos``): the native model keeps its own KV cache indexed by
-      ``start_pos``; each step passes the new tokens and ``start_pos`` = tokens already seen.
-    * ``"hf"`` (``_adapt`` names ``past_key_values``): the native model uses transformers ``Cache`` objects
-      (``DynamicCache``: ``cache.update(k, v, layer_idx)``) and returns the cache in ``past_key_values``.
+      ``start_pos``; each step passes only the new tokens and ``start_pos`` = tokens already seen.
+    * ``"hf"`` (``_adapt`` names ``past_key_values``, or ``cache``): the native model uses transformers cache
+      objects, handed over under the name ``_adapt`` declares: a ``DynamicCache`` (an ``EncoderDecoderCache`` in an
+      encoder-decoder) to update in place with ``cache.update(k, v, layer_idx)``. Beam search reorders it with its
+      public ``reorder_cache``.
     * ``"none"``: the native model keeps no cache; each generation step recomputes the whole sequence.
 
     For beam search with an internal cache, override :meth:`reorder_cache` to reorder the native cache; otherwise
-    the step after a reordering recomputes the whole sequence (correct, slower).
+    the step after a reordering recomputes the whole sequence from ``start_pos=0`` (correct, slower).
     """
 
     cache_mode: str = "auto"
@@ -121,9 +125,15 @@ class HFDecoder(_Adapter):
         named, _ = self._adapt_parameters()
         if "start_pos" in named:
             return "internal"
-        if "past_key_values" in named:
+        if named & set(CACHE_ARGUMENTS):
             return "hf"
         return "none"
+
+    @property
+    def cache_argument(self) -> str:
+        """The name under which ``_adapt`` takes a transformers cache (cache mode ``"hf"``)."""
+        named, _ = self._adapt_parameters()
+        return next((name for name in CACHE_ARGUMENTS if name in named), CACHE_ARGUMENTS[0])
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> bool:
         """Reorder the native model's own KV cache along the batch (``cache[:n] = cache[beam_idx]``) and return
@@ -276,11 +286,9 @@ class HFModelArchitecture(PreTrainedModel):
     def can_generate(cls) -> bool:
         return bool(cls._generative_head)
 
-    def _supports_default_dynamic_cache(self) -> bool:
-        """``generate`` builds a transformers cache only for a decoder that uses one (cache mode ``"hf"``); for the
-        others the first forward returns a :class:`NativeCache`, which ``generate`` then carries."""
-        decoder = self._modules.get("decoder")
-        return isinstance(decoder, HFDecoder) and decoder.resolved_cache_mode == "hf"
+    def _new_transformers_cache(self) -> Cache:
+        """The empty transformers cache a decoder in cache mode ``"hf"`` starts from."""
+        return DynamicCache()
 
     # ---------------------------------------------------------------------------------------- decoding
     def _decode(
@@ -295,8 +303,14 @@ class HFModelArchitecture(PreTrainedModel):
     ) -> tuple[ModelOutput, Cache | None]:
         """Run ``decoder`` for the new tokens ``input_ids``, keeping generation state per its cache mode.
 
-        Returns the adapter's output (for the new tokens only) and the cache to hand back to ``generate``.
+        ``past_key_values`` (or ``cache=``, transformers 5.24's name) is the state of earlier calls: a
+        :class:`NativeCache` or a transformers cache. Returns the adapter's output (for the new tokens only) and the
+        state to hand to the next call.
         """
+        if "cache" in kwargs:
+            if past_key_values is not None:
+                raise ValueError(f"{type(self).__name__}: pass either past_key_values or cache, not both")
+            past_key_values = kwargs.pop("cache")
         mode = decoder.resolved_cache_mode
         if use_cache is None:
             use_cache = past_key_values is not None or (
@@ -304,14 +318,15 @@ class HFModelArchitecture(PreTrainedModel):
             )
         if mode == "hf":
             if use_cache and past_key_values is None:
-                past_key_values = DynamicCache()
+                past_key_values = self._new_transformers_cache()
             cache = past_key_values if use_cache else None
             if position_ids is None and input_ids is not None:
                 past = cache.get_seq_length() if cache is not None else 0
                 position_ids = _positions_for_new_tokens(None, attention_mask, past, input_ids.shape[1], input_ids.device)
-            output = decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=use_cache, **kwargs)
-            returned = getattr(output, "past_key_values", None)
+            kwargs[decoder.cache_argument] = cache
+            output = decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                             **kwargs)
+            returned = output_cache(output)
             return output, (returned if returned is not None else cache)
         if input_ids is None:
             raise ValueError(f"{type(self).__name__}: input_ids are required")
@@ -383,7 +398,7 @@ def _last_positions(output: ModelOutput, n: int) -> ModelOutput:
     return output
 
 
-class HFDecoderModelArchitecture(HFModelArchitecture, GenerationMixin):
+class HFDecoderModelArchitecture(HFModelArchitecture, NativeGenerationMixin):
     """A decoder-only model: ``HFDecoderModelArchitecture(decoder, embedding, config)``."""
 
     def __init__(self, decoder: HFDecoder, embedding: nn.Module | None, config: PretrainedConfig, *args, **kwargs):
@@ -414,8 +429,8 @@ class HFDecoderModelArchitecture(HFModelArchitecture, GenerationMixin):
         """The decoder's hidden states (``last_hidden_state``) and cache (``past_key_values``)."""
         output, cache = self._run(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                                   **kwargs)
-        result = BaseModelOutputWithPast(
-            last_hidden_state=getattr(output, "last_hidden_state", None), past_key_values=cache,
+        result = with_cache(
+            BaseModelOutputWithPast, cache, last_hidden_state=getattr(output, "last_hidden_state", None),
             hidden_states=getattr(output, "hidden_states", None), attentions=getattr(output, "attentions", None),
         )
         return result if return_dict is not False else result.to_tuple()
@@ -453,7 +468,7 @@ class HFEncoderModelArchitecture(HFModelArchitecture):
         return result if return_dict is not False else result.to_tuple()
 
 
-class HFEncoderDecoderModelArchitecture(HFModelArchitecture, GenerationMixin):
+class HFEncoderDecoderModelArchitecture(HFModelArchitecture, NativeGenerationMixin):
     """An encoder-decoder model: ``HFEncoderDecoderModelArchitecture(encoder, decoder, embedding, config)``.
 
     The decoder's ``_adapt`` receives ``encoder_hidden_states`` and ``encoder_attention_mask`` besides its own
@@ -476,6 +491,10 @@ class HFEncoderDecoderModelArchitecture(HFModelArchitecture, GenerationMixin):
 
     def get_decoder(self) -> HFDecoder:
         return self.decoder
+
+    def _new_transformers_cache(self) -> Cache:
+        """Self-attention and cross-attention caches, as transformers' encoder-decoder models take them."""
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
     def _run(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
              decoder_position_ids=None, encoder_outputs=None, past_key_values=None, use_cache=None,
@@ -512,8 +531,8 @@ class HFEncoderDecoderModelArchitecture(HFModelArchitecture, GenerationMixin):
             input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, decoder_position_ids,
             encoder_outputs, past_key_values, use_cache, **kwargs,
         )
-        result = Seq2SeqModelOutput(
-            last_hidden_state=getattr(decoded, "last_hidden_state", None), past_key_values=cache,
+        result = with_cache(
+            Seq2SeqModelOutput, cache, last_hidden_state=getattr(decoded, "last_hidden_state", None),
             encoder_last_hidden_state=encoded.last_hidden_state,
         )
         return result if return_dict is not False else result.to_tuple()

@@ -24,6 +24,7 @@ from hfbridge.adapters.base import (
     HFEncoderDecoderModelArchitecture,
     HFEncoderModelArchitecture,
 )
+from hfbridge.adapters.cache import with_cache
 
 IGNORE_INDEX = -100
 
@@ -134,8 +135,8 @@ class LMHeadModelLMHeadMixin(LMHeadMixin):
                                   **kwargs)
         logits = _logits(self, output, logits_to_keep)
         loss = None if labels is None else self._compute_loss(logits, labels, num_items_in_batch)
-        result = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=cache,
+        result = with_cache(
+            CausalLMOutputWithPast, cache, loss=loss, logits=logits,
             hidden_states=getattr(output, "hidden_states", None), attentions=getattr(output, "attentions", None),
         )
         return result if return_dict is not False else result.to_tuple()
@@ -202,8 +203,8 @@ class ConditionalGenerationLMHeadMixin(LMHeadMixin):
         )
         logits = _logits(self, decoded, logits_to_keep)
         loss = None if labels is None else self._compute_loss(logits, labels)
-        result = Seq2SeqLMOutput(
-            loss=loss, logits=logits, past_key_values=cache, encoder_last_hidden_state=encoded.last_hidden_state,
+        result = with_cache(
+            Seq2SeqLMOutput, cache, loss=loss, logits=logits, encoder_last_hidden_state=encoded.last_hidden_state,
             decoder_hidden_states=getattr(decoded, "hidden_states", None),
             decoder_attentions=getattr(decoded, "attentions", None),
         )

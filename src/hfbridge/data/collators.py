@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hfbridge.data.formats import TokenizedSample
-from hfbridge.losses import IGNORE_INDEX
-
-NUM_LABEL_TOKENS_KEY = "num_label_tokens"
+from hfbridge.losses import IGNORE_INDEX, NUM_LABEL_TOKENS_KEY
 
 
 @dataclass

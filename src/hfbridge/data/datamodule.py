@@ -18,6 +18,7 @@ from hfbridge.data.formats import (
     TokenizedSample,
     check_record,
     detect_format,
+    pad_id,
     tokenize_record,
 )
 from hfbridge.data.packing import PackedCollator, packing_is_exact, uses_flash_attention
@@ -136,8 +137,7 @@ class CausalLMDataModule(pl.LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_token_id = pad_id(tokenizer)  # the caller's tokenizer is not changed
         self.train_records, self.data_format = self._load_records(train_data, data_format)
         self.val_records = None
         if val_data is not None:
@@ -153,10 +153,10 @@ class CausalLMDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.seed = seed
         self.num_workers = num_workers
-        self.collator = PaddedCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+        self.collator = PaddedCollator(self.pad_token_id, pad_to_multiple_of)
         self.packing = packing
         self.packed_collator = PackedCollator(
-            tokenizer.pad_token_id, pack_length or max_length, pad_to_multiple_of=pad_to_multiple_of
+            self.pad_token_id, pack_length or max_length, pad_to_multiple_of=pad_to_multiple_of
         )
         self._packing_decision: bool | None = None
         self.train_samples: list[TokenizedSample] | None = None

@@ -13,23 +13,9 @@ import json
 import random
 from pathlib import Path
 
-COLOURS = {
-    "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 200, 20),
-    "purple": (148, 103, 189),
-}
-SHAPES = ("circle", "square", "triangle")
-QUESTIONS = {
-    "colour": "What colour is the shape?",
-    "shape": "What shape is this?",
-    "two": "What colours are the two shapes, in order?",
-}
+from hfbridge.shapes_task import COLOURS, QUESTIONS, SHAPES
+
 IMAGE_SIZE = 32
-
-
-def corpus() -> list[str]:
-    """Lines that cover the task's words (for training a tiny tokenizer that knows them)."""
-    answers = [f"{a} and {b}" for a in COLOURS for b in COLOURS] + list(SHAPES)
-    return [*QUESTIONS.values(), *answers, "user assistant system image picture shape colour"]
 
 
 def draw_shape(shape: str, colour: str, rng: random.Random, size: int = IMAGE_SIZE):

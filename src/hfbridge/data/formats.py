@@ -92,6 +92,15 @@ def check_record(record: dict, fmt: str, where: str) -> None:
                 )
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS. The tokenizer is never changed."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token to pad batches with")
+    return int(pad)
+
+
 def _eos_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 

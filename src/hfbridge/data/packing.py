@@ -14,14 +14,14 @@ ignores ``position_ids`` would silently attend across samples.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from hfbridge._shared import eager
 from hfbridge.data.formats import TokenizedSample
 from hfbridge.losses import IGNORE_INDEX
 
@@ -139,17 +139,6 @@ def packing_is_exact(model: nn.Module, rtol: float | None = None) -> tuple[bool,
     if err > rtol * scale:
         return False, f"packed logits differ from per-sample logits by {err:.3g} (the attention crosses samples)"
     return True, "packed logits equal per-sample logits"
-
-
-@contextlib.contextmanager
-def eager() -> Iterator[None]:
-    """Run compiled modules eagerly (a probe's tiny inference forward is not worth a compilation)."""
-    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
-    if set_stance is None:
-        yield
-        return
-    with set_stance("force_eager"):
-        yield
 
 
 def uses_flash_attention(model: nn.Module) -> bool:

@@ -40,6 +40,7 @@ from hfbridge.data.formats import (
     assistant_spans,
     chat_template_or_error,
     check_record,
+    render_chat,
     shift_for_causal_lm,
     tokens_in_spans,
 )
@@ -218,6 +219,23 @@ def prompt_and_reference(record: VisionRecord) -> tuple[VisionRecord, str]:
     shown = sum(p["type"] == "image" for m in record.messages[:last] for p in m["content"])
     reference = "".join(p.get("text", "") for p in record.messages[last]["content"])
     return VisionRecord(record.where, record.messages[:last], record.images[:shown], record.base_dir), reference
+
+
+def image_text_inputs(processor, records: Sequence[VisionRecord]) -> dict:
+    """Model inputs of prompts (records cut before their answer): rendered with the chat template and its
+    generation prompt, with their images, left-padded, as tensors."""
+    images = [[load_image(src, r.where, r.base_dir) for src in r.images] for r in records]
+    return processor(
+        text=[render_chat(processor, r.messages, add_generation_prompt=True) for r in records],
+        images=images if any(images) else None, padding=True, padding_side="left",
+        add_special_tokens=False, return_tensors="pt",
+    )
+
+
+def prompt_length(processor, record: VisionRecord) -> int:
+    """The text tokens of a prompt, images not expanded: enough to sort prompts by length."""
+    text = render_chat(processor, record.messages, add_generation_prompt=True)
+    return len(_chat_tokenizer(processor)(text, add_special_tokens=False)["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------- tokens
@@ -416,7 +434,7 @@ class VisionDataModule(CausalLMDataModule):
 
 
 __all__ = [
-    "SUPPORTED_MODES", "ImageError", "VisionCollator", "VisionDataModule", "VisionRecord",
+    "SUPPORTED_MODES", "ImageError", "image_text_inputs", "prompt_length", "VisionCollator", "VisionDataModule", "VisionRecord",
     "VisionSample", "encode_samples", "load_image", "load_vision_records", "open_image", "parse_record",
     "prompt_and_reference", "render_sample", "skipped_token_ids",
 ]

@@ -1,6 +1,6 @@
 """Command-line face of declarative configs: ``hfbridge train | predict | evaluate | serve | llm-data``.
 
-    hfbridge train --config c.yaml --dataset d.csv [--output runs/llm]      fine-tune (or zero/few-shot) and score
+    hfbridge train --config c.yaml --data d.csv    [--output runs/llm]      fine-tune (or zero/few-shot) and score
     hfbridge predict --model runs/llm --dataset d.csv [--output p.csv]       predictions for every record
     hfbridge evaluate --model runs/llm --dataset d.csv [--split test]        a metrics table, and JSON on disk
     hfbridge serve --model runs/llm [--port 8000]                            /predict and /v1/chat/completions
@@ -27,23 +27,25 @@ def add_parsers(sub) -> None:
     """Add the declarative commands to the ``hfbridge`` subparsers."""
     p = sub.add_parser("train", help="train (or zero/few-shot score) an LLM described by a YAML config")
     p.add_argument("--config", required=True, help="the YAML config (see docs/declarative.md)")
-    p.add_argument("--dataset", required=True, help=".csv, .jsonl, .parquet or a datasets folder")
+    p.add_argument("--data", "--dataset", dest="dataset", required=True,
+                   help=".csv, .jsonl, .parquet or a datasets folder (--dataset: the same)")
     p.add_argument("--output", default="runs/llm", help="run folder (refused if not empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder")
-    p.add_argument("--random-seed", type=int, default=42)
+    p.add_argument("--seed", "--random-seed", dest="random_seed", type=int, default=42,
+                   help="split, few-shot and training seed (--random-seed: the same)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the GPU when there is one)")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
 
     p = sub.add_parser("predict", help="predict with a trained declarative LLM")
     _model_args(p)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--data", "--dataset", dest="dataset", required=True, help="(--dataset: the same)")
     p.add_argument("--split", default="all", choices=SPLITS, help="which split of the data (default: all rows)")
     p.add_argument("--output", default="predictions.csv", help=".csv, .jsonl or .parquet")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("evaluate", help="score a declarative LLM: a table on screen, JSON on disk")
     _model_args(p)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--data", "--dataset", dest="dataset", required=True, help="(--dataset: the same)")
     p.add_argument("--split", default="all", choices=SPLITS, help="which split of the data (default: all rows)")
     p.add_argument("--output", default="evaluation.json", help="the metrics JSON (a confusion matrix PNG beside)")
 

@@ -41,7 +41,7 @@ from hfbridge.generation import cache_argument, generate_ids, left_pad, returned
 from hfbridge.io import atomic_dir
 from hfbridge.losses import IGNORE_INDEX
 from hfbridge.models import loading
-from hfbridge.peft import is_peft_model, is_quantized
+from hfbridge.models.peft_adapters import is_peft_model, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class LLM:
         adapter = self.config_obj.adapter
         if adapter is None:
             return
-        from hfbridge.peft import LoRA, trainable_parameters
+        from hfbridge.models.peft_adapters import LoRA, trainable_parameters
 
         transform = LoRA(r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout,
                          target_modules=adapter.target_modules, adapter_type=adapter.type,

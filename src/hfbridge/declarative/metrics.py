@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hfbridge.evaluation import normalise_answer
+from hfbridge.evaluation import exact_match, normalise_answer
 from hfbridge.losses import IGNORE_INDEX
 
 
@@ -96,7 +96,7 @@ class TextMetrics:
         if self.hypotheses:
             hyps = [normalise_answer(h) for h in self.hypotheses]
             refs = [normalise_answer(r) for r in self.references]
-            out["exact_match"] = sum(h == r for h, r in zip(hyps, refs)) / len(hyps)
+            out["exact_match"] = exact_match(hyps, refs).accuracy
             out["bleu"] = bleu(hyps, refs)
             out.update(rouge(hyps, refs))
             out["samples"] = len(hyps)

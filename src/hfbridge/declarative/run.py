@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hfbridge.console import say
 from hfbridge.declarative.dataset import Splits, read_dataset, split_rows, write_rows
 from hfbridge.declarative.llm import LLM, EvalResult, load_llm
 from hfbridge.declarative.metrics import (
@@ -22,13 +23,16 @@ from hfbridge.declarative.metrics import (
     scalar_metrics,
 )
 from hfbridge.declarative.schema import LLMConfig, dump_config, load_config
-from hfbridge.io import atomic_dir, check_output_dir
+from hfbridge.declarative.training import (
+    check_trainable,
+    datamodule_for,
+    device_overrides,
+    module_for,
+    run_config,
+)
+from hfbridge.recipe.tasks import Score, Task, TaskData
 
 log = logging.getLogger(__name__)
-
-
-def say(message: str) -> None:
-    print(f"[hfbridge] {message}", flush=True)
 
 
 @dataclass
@@ -84,59 +88,120 @@ def _eval_split(splits: Splits, cfg: LLMConfig) -> list[dict]:
     return records
 
 
+class DeclarativeTask(Task):
+    """The declarative face's task: the seed-003 config's features, prompt and metrics on the one pipeline.
+
+    The LLM object loads the base model (adapter, quantization, device as the config says), scores it (loss,
+    exact match, BLEU/ROUGE, or accuracy/F1 for categories) and saves itself (``config.yaml`` is the declarative
+    config, so ``hfbridge predict --model RUN`` loads it); the pipeline checks, trains and gathers.
+    """
+
+    name = "declarative"
+
+    def __init__(self, llm_cfg: LLMConfig, dataset: str | Path, seed: int, device: str | None, progress: bool):
+        self.llm_cfg, self.dataset, self.seed, self.device, self.progress = llm_cfg, dataset, seed, device, progress
+        self.llm: LLM | None = None
+        self.work: Path | None = None
+
+    def read_data(self, cfg, work: Path) -> TaskData:
+        self.work = work
+        splits = split_rows(read_dataset(self.dataset, self.llm_cfg), self.llm_cfg, self.seed)
+        if self.trains(cfg):
+            check_trainable(self.llm_cfg, splits.train)
+        choose_few_shot(self.llm_cfg, splits.train, self.seed)
+        test = _eval_split(splits, self.llm_cfg)
+        self.test_samples = len(test)
+        say(f"data: {len(splits.train)} train, {len(splits.validation)} validation, {len(splits.test)} test records"
+            + (f" (evaluating on {len(test)})" if test else " (no test or validation split: no evaluation)"))
+        return TaskData(splits.train, splits.validation or None, test or None, "records",
+                        {"dataset": str(self.dataset)})
+
+    def check_model(self, cfg, name=None):
+        return Path(self.llm_cfg.base_model), None  # the LLM object resolves and checks it as it loads
+
+    def write_config(self, cfg, work: Path) -> None:
+        dump_config(self.llm_cfg, work / "config.yaml")  # with the few-shot examples chosen above
+
+    def module(self, cfg, model_path, job):
+        self.llm = LLM(self.llm_cfg, self.seed, self.device)
+        return module_for(self.llm)
+
+    def loaded_message(self, cfg, module, seconds: float) -> str:
+        llm = self.llm
+        return (f"loaded {self.llm_cfg.base_model} in {seconds:.1f}s on {llm.curr_device} "
+                f"({'chat template' if llm.renderer.chat else 'plain prompt'}, output: "
+                f"{self.llm_cfg.output_feature.type})")
+
+    def trains(self, cfg) -> bool:
+        return self.llm_cfg.trainer.type == "finetune"
+
+    def score_before(self, cfg) -> bool:
+        return not self.trains(cfg) or self.llm_cfg.trainer.evaluate_before
+
+    def before_label(self, cfg) -> str:
+        return "before" if self.trains(cfg) else "zero_shot"
+
+    def trainer_overrides(self, cfg) -> dict:
+        return device_overrides(self.llm)
+
+    def datamodule(self, cfg, module, data: TaskData, context):
+        return datamodule_for(self.llm, data.train, data.validation, cfg)
+
+    def score(self, model, module, data: TaskData, cfg, label: str) -> Score | None:
+        self.llm.model = model
+        self.llm.model.eval()
+        self.llm._forward_keys = None
+        result = evaluate_records(self.llm, data.test, self.work, label, self.progress)
+        if label == "after":
+            write_rows([{**r, **p} for r, p in zip(data.test, result.predictions)],
+                       self.work / "predictions_test.csv")
+        self.llm.trained = self.llm.trained or label == "after"
+        return Score(result.metrics[self.llm_cfg.output_feature.name], f"{label}: scored {len(data.test)} records")
+
+    def samples(self, model, module, data, cfg) -> list[dict]:
+        return []  # every test prediction is in predictions_test.csv
+
+    def save(self, model, module, work: Path, cfg, summary: dict) -> None:
+        self.llm.model = model
+        self.llm.trained = self.trains(cfg)
+        if self.trains(cfg) and (work / "metrics.csv").exists():
+            from hfbridge.reporting import plot_loss_curve
+
+            plot_loss_curve(work / "metrics.csv", work / "loss_curve.png",
+                            f"hfbridge train: {self.llm_cfg.output_feature.name}")
+        _save(self.llm, work, self.trains(cfg))
+        before_key = "before" if self.trains(cfg) else "zero_shot"
+        metrics = {before_key: summary["exact_match_before"], "after": summary["exact_match_after"],
+                   "test_samples": self.test_samples,
+                   "optimizer_steps": summary["optimizer_steps"], "train_seconds": summary["train_seconds"],
+                   "random_seed": self.seed}
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    def saved_message(self, cfg, output: Path) -> str:
+        return f"saved to {output}/"
+
+
 def train_job(config_path: str | Path, dataset: str | Path, output: str | Path, overwrite: bool = False,
               random_seed: int = 42, device: str | None = None, progress_bar: bool = True) -> TrainResult:
-    """Check, load, evaluate before, fine-tune (unless ``trainer.type: none``), evaluate after, save."""
-    cfg = load_config(config_path)
-    output = check_output_dir(output, overwrite)
-    splits = split_rows(read_dataset(dataset, cfg), cfg, random_seed)
-    finetune = cfg.trainer.type == "finetune"
-    if finetune and not splits.train:
-        raise ValueError(f"{dataset}: the training split is empty (preprocessing.split)")
-    choose_few_shot(cfg, splits.train, random_seed)
-    test = _eval_split(splits, cfg)
-    say(f"data: {len(splits.train)} train, {len(splits.validation)} validation, {len(splits.test)} test records"
-        + (f" (evaluating on {len(test)})" if test else " (no test or validation split: no evaluation)"))
-    with atomic_dir(output, overwrite=overwrite) as work:
-        dump_config(cfg, work / "config.yaml")
-        t0 = time.time()
-        llm = LLM(cfg, random_seed, device)
-        say(f"loaded {cfg.base_model} in {time.time() - t0:.1f}s on {llm.curr_device} "
-            f"({'chat template' if llm.renderer.chat else 'plain prompt'}, output: {cfg.output_feature.type})")
-        name = cfg.output_feature.name
-        before = after = None
-        if test and (not finetune or cfg.trainer.evaluate_before):
-            before = evaluate_records(llm, test, work, "before" if finetune else "zero_shot",
-                                      progress_bar).metrics[name]
-        train_seconds, steps = 0.0, 0
-        if finetune:
-            t0 = time.time()
-            trainer = llm.train(splits.train, splits.validation or None, work, progress_bar)
-            train_seconds, steps = time.time() - t0, trainer.global_step
-            say(f"trained {steps} optimizer steps in {train_seconds:.0f}s")
-            if (work / "metrics.csv").exists():
-                from hfbridge.reporting import plot_loss_curve
+    """Check, load, evaluate before, fine-tune (unless ``trainer.type: none``), evaluate after, save: the one
+    pipeline (:func:`hfbridge.recipe.pipeline.run`) with the config translated into a run recipe."""
+    from hfbridge.recipe import pipeline
 
-                plot_loss_curve(work / "metrics.csv", work / "loss_curve.png", f"hfbridge train: {name}")
-            if test:
-                result = evaluate_records(llm, test, work, "after", progress_bar)
-                after = result.metrics[name]
-                write_rows([{**r, **p} for r, p in zip(test, result.predictions)], work / "predictions_test.csv")
-        _save(llm, work, finetune)
-        summary = {"before" if finetune else "zero_shot": before, "after": after, "test_samples": len(test),
-                   "optimizer_steps": steps, "train_seconds": round(train_seconds, 1), "random_seed": random_seed}
-        (work / "metrics.json").write_text(json.dumps(summary, indent=2))
-    columns = {"before" if finetune else "zero-shot": before} if before else {}
-    if after:
-        columns["after"] = after
+    llm_cfg = load_config(config_path)
+    cfg = run_config(llm_cfg, dataset, output, overwrite, random_seed, progress_bar)
+    task = DeclarativeTask(llm_cfg, dataset, random_seed, device, progress_bar)
+    result = pipeline.run(cfg, task)
+    finetune = task.trains(cfg)
+    columns = {"before" if finetune else "zero-shot": result.before} if result.before else {}
+    if result.after:
+        columns["after"] = result.after
     if columns:
         print(format_table(columns))
-    say(f"saved to {output}/")
-    return TrainResult(Path(output), before, after, train_seconds)
+    return TrainResult(Path(output), result.before, result.after, result.train_seconds)
 
 
 def _save(llm: LLM, work: Path, finetune: bool) -> None:
-    from hfbridge.peft import is_peft_model, is_quantized
+    from hfbridge.models.peft_adapters import is_peft_model, is_quantized
 
     if finetune and is_peft_model(llm.model):
         llm.save(work / "adapter")

@@ -22,27 +22,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import string
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from hfbridge.peft import ADAPTER_TYPES
+from hfbridge.models.peft_adapters import ADAPTER_TYPES
+from hfbridge.typed_config import INVALID, ConfigError, build_section, read_yaml, write_yaml
 
 RESERVED_PLACEHOLDERS = ("__task__", "__labels__")
 FEATURE_TYPES_IN = ("text",)
 FEATURE_TYPES_OUT = ("text", "category")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A config that does not validate; the message lists every problem with its key path."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        head = f"invalid config{f' {source}' if source else ''}"
-        super().__init__(head + ":\n  " + "\n  ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -179,145 +169,6 @@ class LLMConfig:
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
-# --------------------------------------------------------------------------------------------------- checking
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _unknown_key(path: str, key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    where = f"{path}.{key}" if path else key
-    return f"{where}: unknown key{hint}; allowed: {', '.join(allowed)}"
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _check_bounds(value, meta: dict, path: str, errors: list[str]) -> None:
-    if "min" in meta and value < meta["min"]:
-        errors.append(f"{path}: must be >= {meta['min']}, got {value!r}")
-    if "exclusive_min" in meta and value <= meta["exclusive_min"]:
-        errors.append(f"{path}: must be > {meta['exclusive_min']}, got {value!r}")
-    if "range" in meta:
-        lo, hi = meta["range"]
-        if not lo <= value < hi:
-            errors.append(f"{path}: must be in [{lo}, {hi}), got {value!r}")
-    if "choices" in meta and value not in meta["choices"]:
-        errors.append(f"{path}: must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-
-
-_INVALID = object()
-
-
-def _check_value(value, annotation, path: str, errors: list[str], meta: dict | None = None):
-    """``value`` checked (and lightly coerced) against a type annotation; ``_INVALID`` after an error."""
-    meta = meta or {}
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        options = [o for o in options if o is not type(None)]
-        trial: list[str] = []
-        for option in options:
-            attempt: list[str] = []
-            result = _check_value(value, option, path, attempt, meta)
-            if not attempt:
-                return result
-            trial.extend(attempt)
-        errors.append(trial[0] if len(options) == 1 else
-                      f"{path}: must be {' or '.join(_describe(o) for o in options)}, got {_type_name(value)} {value!r}")
-        return _INVALID
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):
-            errors.append(f"{path}: must be one of {', '.join(map(str, choices))}, got {value!r}")
-            return _INVALID
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            errors.append(f"{path}: must be a list, got {_type_name(value)}")
-            return _INVALID
-        (item_type,) = typing.get_args(annotation) or (Any,)
-        items = [_check_value(v, item_type, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-        return _INVALID if any(i is _INVALID for i in items) else items
-    if dataclasses.is_dataclass(annotation):
-        return build_section(annotation, value, path, errors)
-    if annotation is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{path}: must be a mapping, got {_type_name(value)}")
-            return _INVALID
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{path}: must be true or false, got {value!r}")
-            return _INVALID
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: must be an integer, got {_type_name(value)} {value!r}")
-            return _INVALID
-        _check_bounds(value, meta, path, errors)
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{path}: must be a number, got {_type_name(value)} {value!r}")
-            return _INVALID
-        _check_bounds(float(value), meta, path, errors)
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str) or (not value and "allow_empty" not in meta):
-            errors.append(f"{path}: must be a non-empty string, got {_type_name(value)} {value!r}")
-            return _INVALID
-        _check_bounds(value, {k: v for k, v in meta.items() if k == "choices"}, path, errors)
-        return value
-    return value
-
-
-def _describe(annotation) -> str:
-    if typing.get_origin(annotation) is list:
-        return "a list"
-    if typing.get_origin(annotation) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}.get(
-        annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def build_section(cls, data, path: str, errors: list[str]):
-    """Build dataclass ``cls`` from a mapping, reporting unknown keys, missing keys and bad values."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        errors.append(f"{path or 'config'}: must be a mapping, got {_type_name(data)}")
-        return _INVALID
-    hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in allowed:
-            errors.append(_unknown_key(path, str(key), allowed))
-    kwargs, missing = {}, []
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            value = _check_value(data[f.name], hints[f.name], _join(path, f.name), errors, dict(f.metadata))
-            if value is not _INVALID:
-                kwargs[f.name] = value
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                missing.append(None)  # already reported
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            errors.append(f"{_join(path, f.name)}: required key is missing")
-            missing.append(f.name)
-    if missing:
-        return _INVALID
-    return cls(**kwargs)
-
-
 # --------------------------------------------------------------------------------------------------- cross-checks
 def template_placeholders(template: str) -> list[str]:
     """The ``{name}`` fields of a format string (``{{`` and ``}}`` are literal braces)."""
@@ -411,7 +262,7 @@ def _check_generation(cfg: LLMConfig, errors: list[str]) -> None:
 def _check_adapter(cfg: LLMConfig, errors: list[str]) -> None:
     if cfg.adapter is None:
         return
-    from hfbridge.peft import LoRA
+    from hfbridge.models.peft_adapters import LoRA
 
     try:
         LoRA(r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
@@ -457,7 +308,7 @@ def parse_config(data: dict | LLMConfig, source: str | None = None) -> LLMConfig
                 feature["labels"] = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                                      for v in feature["labels"]]
     cfg = build_section(LLMConfig, data, "", errors)
-    if cfg is _INVALID:
+    if cfg is INVALID:
         raise ConfigError(errors or ["config: could not be read"], source)
     reported = {e.split(":")[0].split(".")[0].split("[")[0] for e in errors}
     errors += [e for e in validate(cfg) if e.split(":")[0].split(".")[0].split("[")[0] not in reported]
@@ -470,22 +321,9 @@ def load_config(path: str | Path | dict) -> LLMConfig:
     """Read and validate a YAML config file (or a mapping)."""
     if isinstance(path, (dict, LLMConfig)):
         return parse_config(path)
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
-    return parse_config(data if data is not None else {}, str(path))
+    return parse_config(read_yaml(path), str(path))
 
 
 def dump_config(cfg: LLMConfig, path: str | Path) -> Path:
     """Write the full config (defaults filled in) as YAML."""
-    import yaml
-
-    path = Path(path)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return path
+    return write_yaml(cfg.to_dict(), path)

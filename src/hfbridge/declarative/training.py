@@ -1,22 +1,17 @@
-"""Fine-tuning a declarative LLM with the core: samples in a core format, ``CausalLMDataModule``,
-``HFAutoModelForCausalLM`` and Lightning's ``Trainer`` (loss per label token of the optimizer step, labels shifted
-once, per sample)."""
+"""A declarative config translated into the run recipe, and fine-tuning an :class:`~hfbridge.declarative.LLM`
+with the core: samples in a core format, ``CausalLMDataModule``, ``HFAutoModelForCausalLM`` and the one Trainer
+builder of :mod:`hfbridge.recipe.pipeline` (loss per label token of the optimizer step, labels shifted once, per
+sample). Nothing here re-implements the job: ``hfbridge train`` runs :func:`hfbridge.recipe.pipeline.run`."""
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from hfbridge.declarative.schema import TrainerConfig
+from hfbridge.declarative.schema import LLMConfig, TrainerConfig
 from hfbridge.optim import OptimizerConfig
-
-if TYPE_CHECKING:
-    from hfbridge.declarative.llm import LLM
-
-log = logging.getLogger(__name__)
+from hfbridge.recipe.config import RunConfig, parse_run_config
 
 
 def optimizer_config(trainer: TrainerConfig) -> OptimizerConfig:
@@ -28,43 +23,82 @@ def optimizer_config(trainer: TrainerConfig) -> OptimizerConfig:
     )
 
 
-def fit(llm: LLM, train_records: Sequence[dict], validation_records: Sequence[dict] | None = None,
-        output_dir: str | Path | None = None, progress_bar: bool = True):
-    """Train ``llm.model`` in place on ``train_records`` (validation loss on ``validation_records``); with
-    ``output_dir`` Lightning's ``metrics.csv`` is written there. Returns the Lightning trainer."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
+def run_config(cfg: LLMConfig, dataset: str | Path | None = None, output: str | Path | None = None,
+               overwrite: bool = False, seed: int = 42, progress_bar: bool = True) -> RunConfig:
+    """The run recipe a seed-003 config stands for (what ``hfbridge finetune`` would be given)."""
+    t, schedule, adapter = cfg.trainer, cfg.trainer.learning_rate_scheduler, cfg.adapter
+    peft = {"type": "none"}
+    if adapter is not None:
+        peft = {"type": adapter.type, "r": adapter.r, "alpha": adapter.alpha, "dropout": adapter.dropout,
+                "target_modules": adapter.target_modules or "all-linear", "options": dict(adapter.options)}
+    data = {"train": str(dataset) if dataset else None, "max_length": cfg.preprocessing.max_sequence_length}
+    return parse_run_config({
+        "model": {"name": cfg.base_model, "dtype": cfg.model_parameters.dtype,
+                  "trust_remote_code": cfg.model_parameters.trust_remote_code,
+                  "attn_implementation": cfg.model_parameters.attn_implementation},
+        "data": data,
+        "peft": peft,
+        # 4-bit weights are trained through an adapter only; a zero-shot run (no adapter) trains nothing
+        "quantization": {"load_in_4bit": cfg.quantization is not None and cfg.quantization.bits == 4
+                         and adapter is not None},
+        "optim": {"lr": t.learning_rate, "schedule": schedule.decay, "warmup_ratio": schedule.warmup_fraction,
+                  "min_lr_ratio": schedule.min_lr_ratio, "weight_decay": t.weight_decay,
+                  "max_grad_norm": t.max_grad_norm},
+        "train": {"epochs": t.epochs, "max_steps": t.train_steps, "batch_size": t.batch_size,
+                  "accumulate": t.gradient_accumulation_steps, "validate_every_n_steps": t.validate_every_n_steps,
+                  "seed": seed, "progress_bar": progress_bar},
+        "eval": {"batch_size": t.eval_batch_size, "max_new_tokens": cfg.max_new_tokens},
+        "output": {"dir": str(output) if output else "runs/llm", "overwrite": overwrite},
+    }, "(declarative config)")
 
-    from hfbridge.data.datamodule import CausalLMDataModule
+
+def module_for(llm):
+    """The Lightning module that trains ``llm.model`` in place (adapter, quantization and device as loaded)."""
     from hfbridge.models.causal_lm import HFAutoModelForCausalLM
 
-    cfg = llm.config_obj.trainer
-    if cfg.type == "none":
+    return HFAutoModelForCausalLM(model_name=llm.model, tokenizer=llm.tokenizer,
+                                  optim=optimizer_config(llm.config_obj.trainer))
+
+
+def datamodule_for(llm, train_records: Sequence[dict], validation_records: Sequence[dict] | None, cfg: RunConfig):
+    """Records rendered into samples of a core format (prompt and target as the model will see them)."""
+    from hfbridge.data.datamodule import CausalLMDataModule
+
+    samples = [llm.renderer.sample(r) for r in train_records]
+    val_samples = [llm.renderer.sample(r) for r in validation_records] if validation_records else None
+    return CausalLMDataModule(
+        llm.tokenizer, samples, val_samples, data_format=llm.renderer.fmt, max_length=llm.max_sequence_length,
+        batch_size=cfg.train.batch_size, val_batch_size=cfg.eval.batch_size, seed=cfg.train.seed,
+    )
+
+
+def device_overrides(llm) -> dict:
+    """Train on the device the LLM was loaded on."""
+    on_gpu = llm.curr_device.type == "cuda"
+    return {"accelerator": "gpu" if on_gpu else "cpu", "devices": [llm.curr_device.index or 0] if on_gpu else 1}
+
+
+def check_trainable(cfg: LLMConfig, train_records: Sequence[dict]) -> None:
+    if cfg.trainer.type == "none":
         raise ValueError("trainer.type is none (zero- or few-shot): there is nothing to train")
     if not train_records:
         raise ValueError("the training split is empty; check preprocessing.split")
-    samples = [llm.renderer.sample(r) for r in train_records]
-    val_samples = [llm.renderer.sample(r) for r in validation_records] if validation_records else None
-    module = HFAutoModelForCausalLM(model_name=llm.model, tokenizer=llm.tokenizer, optim=optimizer_config(cfg))
-    data = CausalLMDataModule(
-        llm.tokenizer, samples, val_samples, data_format=llm.renderer.fmt, max_length=llm.max_sequence_length,
-        batch_size=cfg.batch_size, val_batch_size=cfg.eval_batch_size, seed=llm._random_seed,
-    )
-    validation = {}
-    if cfg.validate_every_n_steps and val_samples:
-        validation = {"val_check_interval": cfg.validate_every_n_steps * cfg.gradient_accumulation_steps,
-                      "check_val_every_n_epoch": None}
-    on_gpu = llm.curr_device.type == "cuda"
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs, max_steps=cfg.train_steps or -1, accumulate_grad_batches=cfg.gradient_accumulation_steps,
-        gradient_clip_val=cfg.max_grad_norm, accelerator="gpu" if on_gpu else "cpu",
-        devices=[llm.curr_device.index or 0] if on_gpu else 1,
-        logger=CSVLogger(save_dir=str(output_dir), name="", version="") if output_dir else False,
-        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(output_dir) if output_dir else None,
-        callbacks=[TQDMProgressBar(refresh_rate=1)] if progress_bar else [], **validation,
-    )
+
+
+def fit(llm, train_records: Sequence[dict], validation_records: Sequence[dict] | None = None,
+        output_dir: str | Path | None = None, progress_bar: bool = True):
+    """Train ``llm.model`` (an :class:`~hfbridge.declarative.LLM`'s) in place on ``train_records`` (validation loss
+    on ``validation_records``); with ``output_dir`` Lightning's ``metrics.csv`` is written there. Returns the
+    Lightning trainer."""
+    import lightning.pytorch as pl
+
+    from hfbridge.recipe.pipeline import build_trainer
+
+    check_trainable(llm.config_obj, train_records)
+    cfg = run_config(llm.config_obj, seed=llm._random_seed, progress_bar=progress_bar)
+    module = module_for(llm)
+    data = datamodule_for(llm, train_records, validation_records, cfg)
+    trainer = build_trainer(cfg, Path(output_dir) if output_dir else None, **device_overrides(llm))
     pl.seed_everything(llm._random_seed, verbose=False)
     with warnings.catch_warnings():  # the run folder already holds the config: Lightning's logger says so
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")

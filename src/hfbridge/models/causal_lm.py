@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -13,12 +11,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from hfbridge.data.collators import NUM_LABEL_TOKENS_KEY
-from hfbridge.io import atomic_dir
-from hfbridge.losses import count_label_tokens, masked_cross_entropy
-from hfbridge.models import loading, speed
+from hfbridge.losses import NUM_LABEL_TOKENS_KEY, count_label_tokens, masked_cross_entropy
+from hfbridge.models import hooks, loading
+from hfbridge.models.chunked_loss import HeadSplit, forward_keys, linear_loss, split_head
+from hfbridge.models.liger import apply_liger_kernels, liger_usable, require_liger
+from hfbridge.models.peft_adapters import base_model, is_peft_model
+from hfbridge.models.saving import save_hf_folder
 from hfbridge.optim import OptimizerConfig, build_optimizer
-from hfbridge.peft import is_peft_model, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +29,9 @@ class HFAutoModelForCausalLM(pl.LightningModule):
 
     Args (the seed's, with its names):
         model_name: a hub id, a local HF folder, a ``.gguf`` file, the embedded alias ``smollm2-135m-instruct``, or
-            an ``nn.Module`` / ``PreTrainedModel`` to train as it is. The seed's default ``'gpt2'`` cannot be
-            loaded without a hub, so the default is the embedded SmolLM2-135M-Instruct.
+            an ``nn.Module`` / ``PreTrainedModel`` to train as it is (a native module without the Hugging Face API
+            gets it from :func:`hfbridge.to_hf_api`). The seed's default ``'gpt2'`` cannot be loaded without a hub,
+            so the default is the embedded SmolLM2-135M-Instruct.
         load_pretrained_weights: load the weights, or build the architecture from its config with random ones.
         tokenizer: a tokenizer; ``None`` loads the model's own.
         loss_fn: ``loss_fn(logits, labels, loss_mask)`` returning the mean over trained tokens; labels are already
@@ -61,7 +61,9 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             mesh of :func:`hfbridge.parallel.build_device_mesh`, or Lightning's 2-D one). Usually left ``None``:
             :class:`hfbridge.parallel.MeshParallelStrategy` builds it and hands it over before ``configure_model``.
         parallel: a :class:`hfbridge.parallel.ParallelConfig` (mesh sizes, partition rules, mixed precision,
-            CPU offload); see docs/distributed.md.
+            CPU offload; ``None``: the defaults), or, without :class:`~hfbridge.parallel.MeshParallelStrategy`, any
+            :class:`hfbridge.models.hooks.ParallelPlan`. The parallel layer applies itself through it, with or
+            without a mesh (activation checkpointing and compile are applied there too); see docs/distributed.md.
 
     Batches hold ``input_ids``, optional ``attention_mask`` and ``position_ids``, ``labels`` (next-token targets,
     -100 where not trained), an optional ``loss_mask``, and the optional ``num_label_tokens`` of the optimizer step
@@ -94,7 +96,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         if load_in_4bit:
             loading.require_bitsandbytes()
         if liger:
-            speed.require_liger()
+            require_liger()
         self.model_name = model_name
         self._tokenizer = tokenizer
         self.model = None
@@ -108,12 +110,12 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self.load_in_4bit = load_in_4bit
         self.attn_implementation = attn_implementation
         self.optim = optim or OptimizerConfig()
-        self._forward_keys: set[str] | None = None
+        self._forward_keys: frozenset[str] | None = None
         self.chunked_loss = chunked_loss
-        self.activation_checkpointing = speed.check_checkpointing_mode(activation_checkpointing)
+        self.activation_checkpointing = hooks.check_checkpointing_mode(activation_checkpointing)
         self.compile_layers = compile
         self.liger = liger
-        self._head_split: tuple[nn.Module, speed.HeadSplit | None] | None = None
+        self._head_split: tuple[nn.Module, HeadSplit | None] | None = None
         self._step_loss_sum = 0.0
         self._step_tokens_seen = 0
         self._device_mesh = device_mesh
@@ -140,7 +142,8 @@ class HFAutoModelForCausalLM(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
-        """Load (or randomly initialise) the model, then apply the transform, parallelism and accelerator.
+        """Load (or randomly initialise) the model, then apply the transform, kernels, the parallel plan
+        (parallelism, activation checkpointing, compile) and the accelerator.
 
         Idempotent: a second call does nothing. Lightning calls it before fitting.
         """
@@ -149,19 +152,16 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         if isinstance(self.model_name, nn.Module):
             model = self.model_name
             if not _is_hf_model(model):  # a native module: give it the Hugging Face API
-                from hfbridge.adapters import to_hf_api
-
-                model = to_hf_api(model, self._tokenizer)
+                model = hooks.hf_api(model, self._tokenizer)
             self.is_hf_model = _is_hf_model(model)
         else:
             model = self._load_model()
         model = _apply(self.model_transform, model)
         self._after_transform(model)
-        self._apply_speed_options(model)
+        if self.liger and liger_usable():
+            apply_liger_kernels(model)
         model = self._parallelize(model)
         model = _apply(self.model_accelerator, model)
-        if self.compile_layers:
-            speed.compile_layers(model)
         model.train()  # from_pretrained returns eval mode; this module trains (dropout on where configured)
         self.model = model
         self._forward_keys = None
@@ -170,12 +170,10 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         """Load ``model_name`` (default ``self.model_name``), or build it with random weights, with the settings
         of this module; subclasses for other kinds of model pass their ``auto_class``.
 
-        With a device mesh the model is built on the meta device instead: ``_parallelize`` shards it, then each
-        rank loads only its own shards (:mod:`hfbridge.parallel.materialize`)."""
+        With a device mesh the parallel plan builds it on the meta device instead: ``_parallelize`` shards it, then
+        each rank loads only its own shards."""
         if self._device_mesh is not None:
-            from hfbridge.parallel.materialize import skeleton_for
-
-            return skeleton_for(self, auto_class, model_name)
+            return self._plan().skeleton(self, auto_class, model_name)
         return loading.load_pretrained_model(
             self.model_name if model_name is None else model_name,
             auto_class=auto_class,
@@ -189,20 +187,19 @@ class HFAutoModelForCausalLM(pl.LightningModule):
     def _after_transform(self, model: nn.Module) -> None:
         """Subclasses' changes to the loaded (and transformed) model before it is parallelized; none here."""
 
+    def _plan(self) -> hooks.ParallelPlan:
+        """The parallel layer, as this module's ``parallel`` argument asks for it."""
+        return hooks.parallel_plan(self.parallel)
+
     def _parallelize(self, model: nn.Module) -> nn.Module:
-        """Where tensor/sequence parallelism and FSDP2 are applied when a device mesh is given: all of it is in
-        :func:`hfbridge.parallel.apply.parallelize_model`. A meta-device model is then filled, each rank loading
-        only its shards."""
+        """The parallel layer applies itself, in one place (:func:`hfbridge.parallel.parallelize.parallelize_model`):
+        tensor/sequence parallelism, activation checkpointing, ``torch.compile``, FSDP2; without a device mesh,
+        checkpointing and compile only. A meta-device model is then filled, each rank loading only its shards."""
+        plan = self._plan()
+        model = plan.parallelize(model, self._device_mesh, self.activation_checkpointing, self.compile_layers)
         if self._device_mesh is None:
             return model
-        from hfbridge.parallel.apply import parallelize_model
-        from hfbridge.parallel.materialize import is_skeleton, materialize
-        from hfbridge.parallel.mesh import mesh_layout
-
-        model = parallelize_model(model, self._device_mesh, self.parallel)
-        if is_skeleton(model):
-            materialize(model, self._device_mesh)
-        self._dp_mesh = mesh_layout(self._device_mesh).data_flat
+        self._dp_mesh = plan.data_parallel_mesh(self._device_mesh)
         if self.chunked_loss:  # it calls the backbone and the head apart, outside FSDP's root: full logits
             log.info("loss without full logits: off on a device mesh (the model is sharded)")
             self.chunked_loss = False
@@ -214,15 +211,10 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         return loading.context_length(config) if config is not None else None
 
     # ----------------------------------------------------------------------------------------------- forward
-    def _model_forward_keys(self) -> set[str] | None:
+    def _model_forward_keys(self) -> frozenset[str] | None:
         """The named arguments of the model's ``forward`` (``None``: it takes only ``*args/**kwargs``)."""
         if self._forward_keys is None:
-            base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-            params = inspect.signature(base.forward).parameters.values()
-            named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-            if not named:
-                return None
-            self._forward_keys = named
+            self._forward_keys = forward_keys(base_model(self.model))
         return self._forward_keys
 
     def _remove_extra_batch_keys(self, batch: dict, reserved_keys: Sequence[str] = ("labels", "loss_mask")) -> dict:
@@ -269,19 +261,12 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         scale = n_micro / n_step.clamp(min=1).item() * dp_size * accumulate
         return mean_loss * scale
 
-    def _apply_speed_options(self, model: nn.Module) -> None:
-        """Activation checkpointing and Liger kernels, in place (``torch.compile`` comes after parallelism)."""
-        if self.activation_checkpointing:
-            speed.enable_activation_checkpointing(model, self.activation_checkpointing)
-        if self.liger and speed.liger_usable():
-            speed.apply_liger_kernels(model)
-
-    def _split(self) -> speed.HeadSplit | None:
+    def _split(self) -> HeadSplit | None:
         """The model as backbone + linear head for the loss without full logits, or ``None`` (found once per model)."""
         if not self.chunked_loss or self.loss_fn is not masked_cross_entropy:
             return None
         if self._head_split is None or self._head_split[0] is not self.model:
-            split, reason = speed.split_head(self.model)
+            split, reason = split_head(self.model)
             log.info("loss without full logits: %s (%s)", "on" if split else "off, full logits", reason)
             self._head_split = (self.model, split)
         return self._head_split[1]
@@ -295,7 +280,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         else:
             hidden = split.hidden_states({k: v for k, v in batch.items() if k not in LOSS_KEYS})
             chunk = 512 if self.chunked_loss is True else int(self.chunked_loss)
-            mean_loss = speed.linear_loss(hidden, split.head, labels, loss_mask, chunk, self.liger)
+            mean_loss = linear_loss(hidden, split.head, labels, loss_mask, chunk, self.liger)
         return mean_loss, count_label_tokens(labels, loss_mask)
 
     def training_step(self, batch: dict, batch_idx: int | None = None) -> torch.Tensor:
@@ -317,12 +302,22 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self._step_loss_sum += float(mean_loss) * n_micro
         self._step_tokens_seen += n_micro
         if self._step_tokens_seen >= n_step:
-            step_loss = self._step_loss_sum / max(self._step_tokens_seen, 1)
+            step_loss = self._global_mean(self._step_loss_sum, self._step_tokens_seen)
             self.log("train_loss", step_loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n_step)
             self._step_loss_sum, self._step_tokens_seen = 0.0, 0
         optimizers = self.trainer.optimizers
         if optimizers:
             self.log("lr", optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=False)
+
+    def _global_mean(self, loss_sum: float, tokens: int) -> float:
+        """The per-token loss of the whole optimizer step: summed over the data-parallel ranks (every rank reaches
+        the end of a step together), so the logged ``train_loss`` is the step's, not rank 0's share."""
+        dp_size, group = self._dp_size_and_group()
+        if dp_size > 1:
+            totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(totals, group=group)
+            loss_sum, tokens = float(totals[0]), int(totals[1])
+        return loss_sum / max(tokens, 1)
 
     def validation_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
         """Per-token validation loss; ``val_loss`` is the token-weighted mean over the whole validation set."""
@@ -337,13 +332,12 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping; on a device mesh, by the global norm of gradients that live on several meshes
-        (FSDP-only and tensor-parallel parameters), which ``torch.nn.utils.clip_grad_norm_`` cannot combine."""
+        """Lightning's clipping; on a device mesh, the parallel plan's: by the global norm of gradients that live on
+        several meshes (FSDP-only and tensor-parallel parameters), which ``torch.nn.utils.clip_grad_norm_`` cannot
+        combine (also under a strategy other than :class:`hfbridge.parallel.MeshParallelStrategy`)."""
         if self._dp_mesh is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        from hfbridge.parallel.strategy import clip_grad_norm_
-
-        clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
+        self._plan().clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
 
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, path: str | os.PathLike, merged: bool = False, overwrite: bool = True) -> Path:
@@ -358,27 +352,16 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         path = Path(path)
         model = self.model
         if self._dp_mesh is not None:  # sharded: every rank gathers, rank 0 saves an unsharded copy
-            from hfbridge.parallel.export import gather_plain_model
-
-            model = gather_plain_model(self)
+            model = self._plan().gather(self)
             if model is None:
                 return path
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            if is_peft_model(model) and merged:
-                if is_quantized(model):
-                    raise ValueError(
-                        "merging an adapter into 4/8-bit weights would lose precision; save the adapter "
-                        "(merged=False) and merge it into the full-precision base model instead"
-                    )
-                model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(tmp, safe_serialization=True)
-            self._save_preprocessing(tmp)
-        return path
+        return save_hf_folder(model, path, self._preprocessor(), merged=merged, overwrite=overwrite)
 
-    def _save_preprocessing(self, folder: Path) -> None:
-        """Save what turns inputs into model inputs (here the tokenizer) beside the model."""
+    def _preprocessor(self):
+        """What turns inputs into model inputs (here the tokenizer), saved beside the model; ``None``: nothing."""
         if self._tokenizer is not None or not isinstance(self.model_name, nn.Module):
-            self.tokenizer.save_pretrained(folder)
+            return self.tokenizer
+        return None
 
 
 def _apply(fn: Callable | None, model: nn.Module) -> nn.Module:

@@ -1,5 +1,5 @@
 """``HFAutoModelForImageTextToText``: a Lightning module around any Hugging Face image-text-to-text model and its
-processor (seed 001), and batched generation for such models.
+processor (seed 001).
 
 It is :class:`hfbridge.HFAutoModelForCausalLM` with a processor instead of a tokenizer and
 ``AutoModelForImageTextToText`` instead of ``AutoModelForCausalLM``: loading, the dtype policy, 4-bit, adapters,
@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from hfbridge.data.vision import VisionRecord, load_image, skipped_token_ids
 from hfbridge.losses import masked_cross_entropy
-from hfbridge.models import loading
+from hfbridge.models import hooks, loading
 from hfbridge.models.causal_lm import HFAutoModelForCausalLM
+from hfbridge.models.peft_adapters import base_model
 from hfbridge.models.tiny_vlm import DEMO_VLM_NAME, resolve_vlm_name
 from hfbridge.optim import OptimizerConfig
-from hfbridge.peft import is_peft_model
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +46,8 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
 
     hfbridge's own: ``freeze_language_model`` / ``freeze_vision_tower`` (no parameter of the language model and
     its output head, or of the vision tower, is trained; adapters inside them included), and the causal-LM
-    module's ``model_accelerator``, ``attn_implementation``, ``optim``, ``activation_checkpointing``, and
-    ``device_mesh`` / ``parallel`` (FSDP2 over a ``(dp, fsdp, tp, sp)`` mesh, as for causal LMs; see
+    module's ``model_accelerator``, ``attn_implementation``, ``optim``, ``chunked_loss``,
+    ``activation_checkpointing``, ``compile``, ``liger``, and ``device_mesh`` / ``parallel`` (FSDP2 over a ``(dp, fsdp, tp, sp)`` mesh, as for causal LMs; see
     docs/distributed.md).
 
     Batches are what :class:`hfbridge.data.vision.VisionDataModule` serves: the processor's outputs
@@ -72,7 +70,10 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         model_accelerator: Callable | None = None,
         attn_implementation: str = "sdpa",
         optim: OptimizerConfig | None = None,
+        chunked_loss: bool | int = True,
         activation_checkpointing: bool | str | int = False,
+        compile: bool = False,
+        liger: bool = False,
         device_mesh=None,
         parallel=None,
     ):
@@ -80,8 +81,9 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
             model_name=model_name, load_pretrained_weights=load_pretrained_weights, loss_fn=loss_fn,
             model_transform=model_transform, model_accelerator=model_accelerator,
             trust_remote_code=trust_remote_code, default_dtype=default_dtype, load_in_4bit=load_in_4bit,
-            attn_implementation=attn_implementation, optim=optim,
-            activation_checkpointing=activation_checkpointing, device_mesh=device_mesh, parallel=parallel,
+            attn_implementation=attn_implementation, optim=optim, chunked_loss=chunked_loss,
+            activation_checkpointing=activation_checkpointing, compile=compile, liger=liger,
+            device_mesh=device_mesh, parallel=parallel,
         )
         self._processor = processor
         self.freeze_language_model = freeze_language_model
@@ -134,16 +136,16 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
     def extract_skipped_token_ids(self, tokenizer=None) -> torch.IntTensor:
         """Token ids never trained as targets (image, video, padding and structural special tokens; never the
         end-of-turn token), derived from this module's processor, or from ``tokenizer`` when it is another one.
-        See :func:`hfbridge.data.vision.skipped_token_ids`."""
+        See :func:`hfbridge.data.vision.skipped_token_ids` (reached through :mod:`hfbridge.models.hooks`)."""
         if tokenizer is None or tokenizer is self.processor.tokenizer:
-            return skipped_token_ids(self.processor)
-        return skipped_token_ids(tokenizer)
+            return hooks.skipped_token_ids(self.processor)
+        return hooks.skipped_token_ids(tokenizer)
 
     # ----------------------------------------------------------------------------------------------- model
     def _after_transform(self, model: nn.Module) -> None:
         """The freezing options, applied before the model is sharded (FSDP2 then keeps frozen parameters out of
         the optimizer's way) and on the meta-device skeleton alike."""
-        base = model.get_base_model() if is_peft_model(model) else model
+        base = base_model(model)
         if self.freeze_vision_tower:
             tower = base.get_encoder(modality="image")
             if tower is base or tower is getattr(base, "model", None):
@@ -164,41 +166,11 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         name = self.model_name if model_name is None else model_name
         return super()._load_model(auto_class or AutoModelForImageTextToText, resolve_vlm_name(name))
 
-    def _save_preprocessing(self, folder: Path) -> None:
-        """Save the processor (tokenizer, image processor, chat template) beside the model."""
+    def _preprocessor(self):
+        """The processor (tokenizer, image processor, chat template), saved beside the model."""
         if self._processor is not None or not isinstance(self.model_name, nn.Module):
-            self.processor.save_pretrained(folder)
+            return self.processor
+        return None
 
 
 # --------------------------------------------------------------------------------------------------- generation
-@torch.no_grad()
-def generate(
-    model, processor, prompts: Sequence[VisionRecord], max_new_tokens: int = 32, batch_size: int = 8, **generate_kwargs
-) -> list[str]:
-    """Answer each prompt (a :class:`VisionRecord` whose messages end before the answer), greedily by default:
-    rendered with the chat template and its generation prompt as training renders it, left-padded, in batches."""
-    from hfbridge.data.formats import render_chat
-
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    tokenizer = processor.tokenizer
-    generate_kwargs.setdefault("do_sample", False)
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    was_training = model.training
-    model.eval()
-    answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            images = [[load_image(src, r.where, r.base_dir) for src in r.images] for r in batch]
-            inputs = processor(
-                text=[render_chat(processor, r.messages, add_generation_prompt=True) for r in batch],
-                images=images if any(images) else None, padding=True, padding_side="left",
-                add_special_tokens=False, return_tensors="pt",
-            ).to(model.device)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-            new = output[:, inputs["input_ids"].shape[1] :]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return [a.strip() for a in answers]

@@ -21,6 +21,8 @@ import torch
 
 from hfbridge.io import OutputExistsError, atomic_dir
 from hfbridge.models.loading import cache_dir
+from hfbridge.models.tiny_tokenizer import BASE_CORPUS, build_tiny_tokenizer
+from hfbridge.shapes_task import corpus as shapes_corpus
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +64,8 @@ _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_at
 
 
 def _tokenizer(extra: list[str], named: dict[str, str] | None = None, eos: str | None = None):
-    """The tiny BPE tokenizer of :mod:`hfbridge.testing`, trained on the shapes task's words too, plus the
-    family's special tokens."""
-    from hfbridge.data.demo_vision import corpus
-    from hfbridge.testing import _CORPUS, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer(corpus=_CORPUS + corpus())
+    """The tiny BPE tokenizer, trained on the shapes task's words too, plus the family's special tokens."""
+    tokenizer = build_tiny_tokenizer(corpus=BASE_CORPUS + shapes_corpus())
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", *extra]})
     if named:
         tokenizer._set_model_specific_special_tokens(named)  # e.g. tokenizer.boi_token, as Gemma's tokenizer has

@@ -1,12 +1,17 @@
 """Scale out over ``torch.distributed``: a ``(dp, fsdp, tp, sp)`` device mesh, FSDP2 with tensor and sequence
 parallelism, sharded checkpoints with resume, and ``torchrun`` launching. See docs/distributed.md.
 
-* :class:`ParallelConfig`, :func:`build_device_mesh` (:mod:`~hfbridge.parallel.mesh`): the mesh;
-* :func:`parallelize_model` (:mod:`~hfbridge.parallel.apply`): the one place parallelism is applied;
+* :class:`ParallelConfig`, :func:`build_device_mesh` (:mod:`~hfbridge.parallel.mesh`): the mesh, and the one way
+  it is built from axis sizes;
+* :func:`parallelize_model` (:mod:`~hfbridge.parallel.parallelize`): the one place where tensor parallelism, activation
+  checkpointing, ``torch.compile`` and FSDP2 are applied, in that order;
+* :class:`MeshPlan` (:mod:`~hfbridge.parallel.mesh_plan`): that, as the model modules call it
+  (:class:`hfbridge.models.hooks.ParallelPlan`; they never import this package);
 * :class:`MeshParallelStrategy`, :class:`ShardedCheckpoint` (:mod:`~hfbridge.parallel.strategy`): Lightning;
 * :func:`export_hf` (:mod:`~hfbridge.parallel.export`): a checkpoint of any layout to a Hugging Face folder.
 """
 
+from hfbridge._shared import lazy_exports
 from hfbridge.parallel.mesh import (
     AXIS_NAMES,
     DEFAULT_AXIS_DIMS,
@@ -18,26 +23,21 @@ from hfbridge.parallel.mesh import (
 )
 
 _LAZY = {
-    "parallelize_model": "hfbridge.parallel.apply",
+    "parallelize_model": "hfbridge.parallel.parallelize",
+    "MeshPlan": "hfbridge.parallel.mesh_plan",
     "MeshParallelStrategy": "hfbridge.parallel.strategy",
     "ShardedCheckpoint": "hfbridge.parallel.strategy",
     "export_hf": "hfbridge.parallel.export",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'hfbridge.parallel' has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "AXIS_NAMES",
     "DEFAULT_AXIS_DIMS",
     "MeshLayout",
     "MeshParallelStrategy",
+    "MeshPlan",
     "ParallelConfig",
     "ShardedCheckpoint",
     "build_device_mesh",

@@ -18,6 +18,7 @@ from torch import nn
 
 from hfbridge.models import loading
 from hfbridge.parallel import checkpoint as ckpt
+from hfbridge.parallel.materialize import skeleton
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ def _plain_skeleton(module) -> nn.Module:
     """An unsharded meta-device model with the same structure (and transform) as ``module.model``."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from hfbridge.parallel.materialize import skeleton
 
     source = getattr(module.model, "_hfbridge_weight_source", None)
     with torch.random.fork_rng():  # building a skeleton must not move the training's random state

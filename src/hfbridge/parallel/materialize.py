@@ -4,7 +4,7 @@ No rank holds the whole model when it does not have to:
 
 * :func:`skeleton` builds the architecture on the meta device (parameters take no memory; buffers such as
   rotary frequencies are real, they are computed, not loaded);
-* the model is parallelized there (:func:`hfbridge.parallel.apply.parallelize_model`);
+* the model is parallelized there (:func:`hfbridge.parallel.parallelize.parallelize_model`);
 * :func:`materialize` allocates each rank's shards and fills them: straight from the safetensors files, each
   rank reading only its slices (``torch.distributed.checkpoint.HuggingFaceStorageReader``), or, when the
   weights are not all in the files (random init, or a transform such as LoRA that adds initialised weights),
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hfbridge.models import loading
+from hfbridge.parallel.parallelize import UnsupportedParallelismError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ class WeightSource:
 
 def skeleton_for(module, auto_class=None, model_name=None) -> nn.Module:
     """The meta-device skeleton of an ``HFAutoModelForCausalLM``'s model, remembering where its weights are."""
-    from hfbridge.parallel.apply import UnsupportedParallelismError
-
     if module.load_in_4bit:
         raise UnsupportedParallelismError(
             "load_in_4bit with a device mesh is not supported: FSDP2 and tensor parallelism need plain "

@@ -1,4 +1,5 @@
-"""Adapters through the peft library, as ``model_transform`` callables.
+"""Adapters through the peft library, as ``model_transform`` callables (this module was ``hfbridge.peft``, a name
+that shadowed the peft library's inside the package).
 
 ``LoRA(r=16, alpha=32)`` is a callable that turns a Hugging Face model into a peft model with LoRA adapters
 on the chosen modules (all linear layers of the decoder by default). On a 4-bit model (``load_in_4bit=True``) it
@@ -28,6 +29,11 @@ def is_peft_model(model) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def base_model(model):
+    """The model under a peft wrapper, or ``model`` itself."""
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def _prepare(model, gradient_checkpointing: bool):

@@ -1,6 +1,7 @@
-"""What ``hfbridge finetune`` needs to run on many processes: the process group and mesh before the model is
-loaded, one output folder written by rank 0, the Trainer's strategy and checkpoint callback, evaluation on a
-gathered copy of the model."""
+"""The runtime of a run on many processes: the process group and mesh before the model is loaded, one output
+folder written by rank 0, the Trainer's strategy and checkpoint callback, one gathered copy of the model on rank 0
+for scoring and saving. The pipeline (:mod:`hfbridge.recipe.pipeline`) calls these; ``None`` stands for a
+single-process run without a mesh."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import Any
 
 import torch
 
+from hfbridge.console import say
 from hfbridge.io import atomic_dir
 from hfbridge.parallel import checkpoint as ckpt
 from hfbridge.parallel.launch import under_torchrun
-from hfbridge.parallel.mesh import ParallelConfig, build_device_mesh, parse_axis_dims, parse_axis_names
+from hfbridge.parallel.mesh import ParallelConfig, build_device_mesh
 
 DEFAULT_SAVE_EVERY = 100
 DEFAULT_KEEP_LAST = 3
@@ -47,27 +49,22 @@ class Job:
         torch.distributed.barrier()
 
 
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def wanted(cfg) -> bool:
-    """Whether a fine-tuning config asks for the parallel path (under torchrun, a mesh, or checkpoints)."""
-    return under_torchrun() or bool(getattr(cfg, "sharding_axis_dims", None)) or bool(getattr(cfg, "checkpoint_dir", None))
+    """Whether a run config asks for the parallel path (under torchrun, a mesh, or checkpoints)."""
+    return under_torchrun() or bool(cfg.parallel.sharding_axis_dims) or bool(cfg.checkpoint.dir)
 
 
-def parallel_config(cfg) -> ParallelConfig:
-    dims = cfg.sharding_axis_dims
-    names = cfg.sharding_axis_names
-    kwargs: dict[str, Any] = {"cpu_offload": bool(cfg.cpu_offload)}
-    if dims:
-        kwargs["sharding_axis_dims"] = parse_axis_dims(dims) if isinstance(dims, str) else tuple(dims)
-    if names:
-        kwargs["sharding_axis_names"] = parse_axis_names(names) if isinstance(names, str) else tuple(names)
-    if cfg.param_dtype:
-        kwargs["param_dtype"] = cfg.param_dtype
-    if cfg.reduce_dtype:
-        kwargs["reduce_dtype"] = cfg.reduce_dtype
+def parallel_config(section) -> ParallelConfig:
+    """The :class:`ParallelConfig` of a recipe's ``parallel`` section."""
+    kwargs: dict[str, Any] = {"cpu_offload": bool(section.cpu_offload)}
+    if section.sharding_axis_dims:
+        kwargs["sharding_axis_dims"] = tuple(section.sharding_axis_dims)
+    if section.sharding_axis_names:
+        kwargs["sharding_axis_names"] = tuple(section.sharding_axis_names)
+    if section.param_dtype:
+        kwargs["param_dtype"] = section.param_dtype
+    if section.reduce_dtype:
+        kwargs["reduce_dtype"] = section.reduce_dtype
     return ParallelConfig(**kwargs)
 
 
@@ -76,10 +73,10 @@ def start(cfg) -> Job | None:
     config asks for nothing parallel. Mesh sizes that do not fit the world size fail here, before any loading."""
     if not wanted(cfg):
         return None
-    config = parallel_config(cfg)
+    config = parallel_config(cfg.parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config.axis_sizes(world)  # a clear error now if the sizes do not match the world
-    if cfg.load_in_4bit and world > 1:
+    if cfg.quantization.load_in_4bit and world > 1:
         raise ValueError("--load-in-4bit cannot be combined with several processes: FSDP2 and tensor parallelism "
                          "need plain floating-point weights (train QLoRA on one device)")
     if not torch.distributed.is_initialized():
@@ -94,12 +91,12 @@ def start(cfg) -> Job | None:
             )
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = build_device_mesh(config, world, device_type)
+    ck = cfg.checkpoint
     return Job(
         rank=torch.distributed.get_rank(), world_size=world,
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), mesh=mesh, config=config,
-        checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
-        save_every=cfg.save_every or DEFAULT_SAVE_EVERY, keep_last=cfg.keep_last or DEFAULT_KEEP_LAST,
-        resume=bool(cfg.resume),
+        checkpoint_dir=Path(ck.dir) if ck.dir else None, save_every=ck.save_every or DEFAULT_SAVE_EVERY,
+        keep_last=ck.keep_last or DEFAULT_KEEP_LAST, resume=bool(ck.resume),
     )
 
 
@@ -148,16 +145,14 @@ def resume_path(job: Job | None) -> str | None:
     if job is None or not job.resume or job.checkpoint_dir is None:
         return None
     if not ckpt.complete_checkpoints(job.checkpoint_dir):
-        if job.is_main:
-            print(f"[hfbridge] --resume: no complete checkpoint in {job.checkpoint_dir} yet; starting from scratch",
-                  flush=True)
+        say(f"--resume: no complete checkpoint in {job.checkpoint_dir} yet; starting from scratch")
         return None
     return str(job.checkpoint_dir)
 
 
-def eval_model(job: Job | None, module):
-    """The model to evaluate or generate with: the module's own, or on a job a gathered unsharded copy on rank 0
-    (``None`` on the other ranks, which wait)."""
+def plain_model(job: Job | None, module):
+    """The model to score, show and save: the module's own, or on a job one gathered unsharded copy on rank 0
+    (``None`` on the other ranks). Every rank must call it (the gather is collective)."""
     if job is None:
         return module.model
     from hfbridge.parallel.export import gather_plain_model

@@ -1,0 +1,339 @@
+"""Tasks: what differs between kinds of training run, and nothing else.
+
+A task says how its records are read and checked, which module and datamodule train on them, how a prompt is
+answered, and how a held-out answer is shown. The job around it (check, load, score, train, score, gather once,
+save) is :func:`hfbridge.recipe.pipeline.run`, the same for every task. A new task or method adds a class here
+(or in its face, like the declarative one), never a new job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hfbridge.console import say
+from hfbridge.recipe.config import EMBEDDED_MODEL, RunConfig
+
+
+@dataclass
+class TaskData:
+    """A run's records, read and checked before any weights are loaded."""
+
+    train: list
+    validation: list | None
+    test: list | None  # prompts with references, for scoring
+    format: str
+    paths: dict = field(default_factory=dict)
+
+
+@dataclass
+class Score:
+    """A held-out score: its value for ``summary.json``, and the line printed."""
+
+    value: Any
+    message: str
+    details: Any = None
+
+
+class Task:
+    """The parts of a run that depend on its task (see the module docstring)."""
+
+    name = ""
+    default_model = EMBEDDED_MODEL
+
+    def defaults(self, user: dict) -> dict:
+        """Config defaults of this task for the model the user named (``user``: the merged file/flags/--set)."""
+        return {"model": {"name": self.default_model}}
+
+    def check(self, cfg: RunConfig) -> None:
+        """Checks of the options that need no data and no weights."""
+
+    def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
+        raise NotImplementedError
+
+    def threads(self, cfg: RunConfig) -> int | None:
+        """Intra-op threads for the run (``None``: as they are)."""
+        return None
+
+    def check_model(self, cfg: RunConfig, name: str | None = None) -> tuple[Path, int | None]:
+        """The model's files (``name``, default ``model.name``) and its context length, checked against the
+        config; no weights are loaded."""
+        from hfbridge.models import loading
+
+        path = loading.resolve_model_path(name or cfg.model.name, cfg.model.trust_remote_code)
+        config = loading.load_config(path, cfg.model.trust_remote_code)
+        loading.check_max_length(cfg.data.max_length, config, "data.max_length (--max-length)")
+        return path, loading.context_length(config)
+
+    def module(self, cfg: RunConfig, model_path: Path, job):
+        raise NotImplementedError
+
+    def preprocessor(self, module):
+        """What is saved beside the model to turn inputs into model inputs: the tokenizer."""
+        return module.tokenizer
+
+    def datamodule(self, cfg: RunConfig, module, data: TaskData, context: int | None):
+        raise NotImplementedError
+
+    def answer(self, model, module, prompts: list, cfg: RunConfig) -> list[str]:
+        raise NotImplementedError
+
+    def show(self, prompt) -> str:
+        """A prompt as printed beside its answer."""
+        raise NotImplementedError
+
+    def score(self, model, module, data: TaskData, cfg: RunConfig, label: str) -> Score | None:
+        """Exact match of greedy answers to the test prompts (``None`` without test records)."""
+        from hfbridge.evaluation import exact_match
+
+        if not data.test:
+            return None
+        prompts = [p for p, _ in data.test]
+        result = exact_match(self.answer(model, module, prompts, cfg), [r for _, r in data.test], prompts)
+        return Score(result.accuracy, f"exact match {label} fine-tuning: {result.accuracy:.1%} on "
+                     f"{len(data.test)} held-out records", result)
+
+    def samples(self, model, module, data: TaskData, cfg: RunConfig) -> list[dict]:
+        """A few held-out prompts with their reference and the model's answer (printed and saved)."""
+        if not data.test or not cfg.eval.show_samples:
+            return []
+        shown = data.test[: cfg.eval.show_samples]
+        answers = self.answer(model, module, [p for p, _ in shown], cfg)
+        out = []
+        for (prompt, reference), prediction in zip(shown, answers):
+            out.append({"prompt": self.show(prompt), "reference": reference, "prediction": prediction})
+            say(f"  {self.show(prompt)!r} -> {prediction!r} (reference {reference!r})")
+        return out
+
+    def summary(self, cfg: RunConfig) -> dict:
+        return {"task": self.name}
+
+    # ---------------------------------------------------------------------------------------- steps of the job
+    def trains(self, cfg: RunConfig) -> bool:
+        return True
+
+    def score_before(self, cfg: RunConfig) -> bool:
+        return True
+
+    def before_label(self, cfg: RunConfig) -> str:
+        return "before"
+
+    def trainer_overrides(self, cfg: RunConfig) -> dict:
+        return {}
+
+    def write_config(self, cfg: RunConfig, work: Path) -> None:
+        """The resolved recipe as ``config.yaml``: ``hfbridge finetune --config <run>/config.yaml`` runs it again."""
+        from hfbridge.recipe.config import dump_run_config
+
+        dump_run_config(cfg, work / "config.yaml")
+
+    def loaded_message(self, cfg: RunConfig, module, seconds: float) -> str:
+        from hfbridge.models.peft_adapters import trainable_parameters
+
+        trainable, total = trainable_parameters(module.model)
+        return (f"loaded {cfg.model.name} in {seconds:.1f}s: {total / 1e6:.2f}M parameters, "
+                f"{trainable / 1e6:.2f}M trainable ({'LoRA' if cfg.lora else 'full fine-tuning'})")
+
+    def save(self, model, module, work: Path, cfg: RunConfig, summary: dict) -> None:
+        """The loss curve; the model loadable by plain transformers (``model/``, with the adapter merged) and the
+        adapter alone (``adapter/``) when there is one (4-bit: the adapter only), all from one plain ``model``;
+        ``summary.json``."""
+        from hfbridge.models.saving import save_hf_folder
+        from hfbridge.reporting import plot_loss_curve
+
+        if (work / "metrics.csv").exists():
+            plot_loss_curve(work / "metrics.csv", work / "loss_curve.png")
+        preprocessor = self.preprocessor(module)
+        if cfg.lora:
+            save_hf_folder(model, work / "adapter", preprocessor)
+            if not cfg.quantization.load_in_4bit:
+                save_hf_folder(model, work / "model", preprocessor, merged=True)
+        else:
+            save_hf_folder(model, work / "model", preprocessor)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    def saved_message(self, cfg: RunConfig, output: Path) -> str:
+        return (f"saved to {output}/ (model/, {'adapter/, ' if cfg.lora else ''}metrics.csv, loss_curve.png, "
+                "summary.json, config.yaml)")
+
+
+def _adapter(cfg: RunConfig):
+    from hfbridge.models.peft_adapters import LoRA
+
+    if not cfg.lora:
+        return None
+    p = cfg.peft
+    return LoRA(r=p.r, alpha=p.alpha, dropout=p.dropout, target_modules=p.target_modules, adapter_type=p.type,
+                extra=dict(p.options))
+
+
+def _optim(cfg: RunConfig):
+    from hfbridge.optim import OptimizerConfig
+
+    o = cfg.optim
+    return OptimizerConfig(lr=o.lr, schedule=o.schedule, warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
+                           weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
+
+
+def _packing(cfg: RunConfig) -> bool | str:
+    return {"on": True, "off": False}.get(cfg.speed.packing, cfg.speed.packing)
+
+
+def module_options(cfg: RunConfig, job) -> dict:
+    """The module's arguments that every task shares (adapter, 4-bit, dtype, optimizer, speed, mesh)."""
+    return dict(
+        model_transform=_adapter(cfg), load_in_4bit=cfg.quantization.load_in_4bit, default_dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+        optim=_optim(cfg), chunked_loss=cfg.speed.chunked_loss,
+        activation_checkpointing=cfg.speed.activation_checkpointing, compile=cfg.speed.compile,
+        liger=cfg.speed.liger, device_mesh=job.mesh if job else None, parallel=job.config if job else None,
+    )
+
+
+class TextTask(Task):
+    """Causal LMs on text, prompt/completion or chat records (``--task text-generation``)."""
+
+    name = "text-generation"
+
+    def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
+        from hfbridge.data.datamodule import load_records
+        from hfbridge.data.demo import write_demo_data
+        from hfbridge.data.formats import prompt_and_reference
+
+        train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
+        if train_path is None:
+            train_path, demo_test = write_demo_data(work / "data", n_train=cfg.data.demo_train_size,
+                                                    seed=cfg.train.seed)
+            test_path = test_path or demo_test
+            say(f"no --data given: using the bundled date-normalisation task ({cfg.data.demo_train_size} train "
+                "records)")
+        train, fmt = load_records(train_path, cfg.data.format)
+        val = load_records(val_path, fmt)[0] if val_path else None
+        test = load_records(test_path, fmt)[0][: cfg.eval.samples] if test_path else None
+        if test is not None and fmt == "text":
+            say("the 'text' format has no prompt/answer pairs: skipping the exact-match evaluation")
+            test = None
+        pairs = [prompt_and_reference(r, fmt) for r in test] if test else None
+        return TaskData(train, val, pairs, fmt, {"train": str(train_path), "test": str(test_path)})
+
+    def module(self, cfg: RunConfig, model_path: Path, job):
+        from hfbridge.models.causal_lm import HFAutoModelForCausalLM
+
+        return HFAutoModelForCausalLM(model_name=str(model_path), **module_options(cfg, job))
+
+    def datamodule(self, cfg: RunConfig, module, data: TaskData, context: int | None):
+        from hfbridge.data.datamodule import CausalLMDataModule
+
+        max_length = cfg.data.max_length or min(512, context or 512)
+        return CausalLMDataModule(
+            module.tokenizer, data.train, data.validation, data_format=data.format, max_length=max_length,
+            batch_size=cfg.train.batch_size, seed=cfg.train.seed, packing=_packing(cfg),
+            pack_length=cfg.speed.pack_length,
+        )
+
+    def answer(self, model, module, prompts: list, cfg: RunConfig) -> list[str]:
+        from hfbridge.generation import generate
+
+        return generate(model, module.tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                        batch_size=cfg.eval.batch_size)
+
+    def show(self, prompt) -> str:
+        return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+class ImageTextTask(Task):
+    """Vision-language models on chat records with images (``--task image-text-to-text``)."""
+
+    name = "image-text-to-text"
+
+    @property
+    def default_model(self) -> str:  # type: ignore[override]
+        from hfbridge.models.tiny_vlm import DEMO_VLM_NAME
+
+        return DEMO_VLM_NAME
+
+    def defaults(self, user: dict) -> dict:
+        """The tiny random demo model's recipe for the options left out: an adapter on random weights has nothing
+        to adapt, so it is trained in full, at a learning rate a random model needs, for enough epochs."""
+        model = (user.get("model") or {}).get("name") or self.default_model
+        if model != self.default_model:
+            return {"model": {"name": model}}
+        return {"model": {"name": model}, "peft": {"type": "none"}, "optim": {"lr": 3e-3}, "train": {"epochs": 6}}
+
+    def check(self, cfg: RunConfig) -> None:
+        if cfg.speed.packing == "on":
+            raise ValueError("speed.packing: packing image-text samples is not supported yet (an image's tokens "
+                             "must stay in their sample's row); use --packing auto or off")
+
+    def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
+        from hfbridge.data.demo_vision import write_shapes_data
+        from hfbridge.data.vision import load_vision_records, prompt_and_reference
+
+        train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
+        if train_path is None:
+            train_path, demo_test = write_shapes_data(work / "data", n_train=cfg.data.demo_train_size,
+                                                      seed=cfg.train.seed)
+            test_path = test_path or demo_test
+            say(f"no --data given: using the bundled coloured-shapes task ({cfg.data.demo_train_size} train "
+                "records, questions about one or two generated images)")
+        train = load_vision_records(train_path)
+        val = load_vision_records(val_path) if val_path else None
+        test = load_vision_records(test_path)[: cfg.eval.samples] if test_path else None
+        pairs = [prompt_and_reference(r) for r in test] if test else None
+        return TaskData(train, val, pairs, "messages", {"train": str(train_path), "test": str(test_path)})
+
+    def check_model(self, cfg: RunConfig, name: str | None = None) -> tuple[Path, int | None]:
+        from hfbridge.models.image_text import HFAutoModelForImageTextToText
+        from hfbridge.models.tiny_vlm import DEMO_VLM_NAME, resolve_vlm_name
+
+        if cfg.model.name == DEMO_VLM_NAME:
+            say(f"no --model given: using {DEMO_VLM_NAME}, a tiny vision-language model with RANDOM weights (LLaVA "
+                "architecture) built locally and trained in full, so the point is the pipeline. Real "
+                "VLM weights come from a hub id or a local folder: --model HuggingFaceTB/SmolVLM-256M-Instruct "
+                "(when the hub is reachable or it is in the local hub cache) or --model path/to/folder")
+        path, context = super().check_model(cfg, str(resolve_vlm_name(cfg.model.name)))
+        self.processor = HFAutoModelForImageTextToText.configure_processor(path, cfg.model.trust_remote_code)
+        return path, context
+
+    def module(self, cfg: RunConfig, model_path: Path, job):
+        from hfbridge.models.image_text import HFAutoModelForImageTextToText
+
+        return HFAutoModelForImageTextToText(model_name=str(model_path), processor=self.processor,
+                                             **module_options(cfg, job))
+
+    def datamodule(self, cfg: RunConfig, module, data: TaskData, context: int | None):
+        from hfbridge.data.vision import VisionDataModule
+
+        return VisionDataModule(self.processor, data.train, data.validation, max_length=cfg.data.max_length,
+                                batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+
+    def answer(self, model, module, prompts: list, cfg: RunConfig) -> list[str]:
+        from hfbridge.generation import generate_image_text
+
+        return generate_image_text(model, self.processor, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                                   batch_size=cfg.eval.batch_size)
+
+    def preprocessor(self, module):
+        return self.processor
+
+    def show(self, prompt) -> str:
+        images = sum(p["type"] == "image" for m in prompt.messages for p in m["content"])
+        text = "".join(p.get("text", "") for p in prompt.messages[-1]["content"])
+        return f"[{images} image{'s' if images != 1 else ''}] {text}"
+
+    def threads(self, cfg: RunConfig) -> int | None:
+        """The tiny demo model trains many times faster on one thread than on two, which spin against each other."""
+        from hfbridge.models.tiny_vlm import DEMO_VLM_NAME
+
+        return 1 if cfg.model.name == DEMO_VLM_NAME else None
+
+
+TASKS = {task.name: task for task in (TextTask, ImageTextTask)}
+
+
+def task_for(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"method.task: unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]()
