@@ -50,7 +50,7 @@ def _hf_api(model, tokenizer):
 
 def _skipped_token_ids(chat):
     """The token ids a vision-language data module never trains, as the data layer derives them."""
-    from hfbridge.data.vision import skipped_token_ids
+    from hfbridge.data.image_text import skipped_token_ids
 
     return skipped_token_ids(chat)
 

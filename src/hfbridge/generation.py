@@ -176,11 +176,11 @@ def generate(
 def generate_image_text(
     model, processor, records: Sequence, max_new_tokens: int = 32, batch_size: int = 8, **generate_kwargs
 ) -> list[str]:
-    """Answer each image-text prompt (a :class:`~hfbridge.data.vision.VisionRecord` whose messages end before the
+    """Answer each image-text prompt (a :class:`~hfbridge.data.image_text.ImageTextRecord` whose messages end before the
     answer) through the one loop above: rendered with the chat template and its generation prompt as training
     renders it, with its images, sorted by length, left-padded in batches. A prompt whose tokens leave no room for
     ``max_new_tokens`` in the model's context is an error (its image tokens cannot be cut)."""
-    from hfbridge.data.vision import image_text_inputs, prompt_length
+    from hfbridge.data.image_text import image_text_inputs, prompt_length
 
     context = context_length(model.config) if hasattr(model, "config") else None
 

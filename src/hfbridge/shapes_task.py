@@ -1,5 +1,5 @@
-"""The words of the bundled shapes task, shared by its data (:mod:`hfbridge.data.demo_vision` draws the pictures
-and asks the questions) and the demo vision-language model (:mod:`hfbridge.models.tiny_vlm` trains its tiny
+"""The words of the bundled shapes task, shared by its data (:mod:`hfbridge.data.demo_image_text` draws the pictures
+and asks the questions) and the demo vision-language model (:mod:`hfbridge.models.tiny_image_text` trains its tiny
 tokenizer on them). Imports nothing."""
 
 from __future__ import annotations

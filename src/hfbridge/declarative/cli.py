@@ -1,8 +1,8 @@
 """Command-line face of declarative configs: ``hfbridge train | predict | evaluate | serve | llm-data``.
 
     hfbridge train --config c.yaml --data d.csv    [--output runs/llm]      fine-tune (or zero/few-shot) and score
-    hfbridge predict --model runs/llm --dataset d.csv [--output p.csv]       predictions for every record
-    hfbridge evaluate --model runs/llm --dataset d.csv [--split test]        a metrics table, and JSON on disk
+    hfbridge predict --model runs/llm --data d.csv [--output p.csv]       predictions for every record
+    hfbridge evaluate --model runs/llm --data d.csv [--split test]        a metrics table, and JSON on disk
     hfbridge serve --model runs/llm [--port 8000]                            /predict and /v1/chat/completions
     hfbridge llm-data --task dates|tickets --output d.csv                    the example data sets
 

@@ -2,7 +2,7 @@
 described by an :class:`~hfbridge.declarative.schema.LLMConfig`.
 
 It is a face on the core, not a second stack: models load through :mod:`hfbridge.models.loading` (dtype policy,
-4/8-bit), adapters come from :mod:`hfbridge.peft`, records are tokenized by :mod:`hfbridge.data.formats`, training
+4/8-bit), adapters come from :mod:`hfbridge.models.peft_adapters`, records are tokenized by :mod:`hfbridge.data.formats`, training
 runs :class:`hfbridge.HFAutoModelForCausalLM` with a :class:`hfbridge.CausalLMDataModule` under Lightning (so the loss
 is normalised per label token of the optimizer step), generation is the core's batched, left-padded
 :func:`hfbridge.generation.generate_ids`, and saving uses the core's atomic folders.

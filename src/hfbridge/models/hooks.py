@@ -10,7 +10,7 @@ it calls an implementation registered here, through the names and protocol defin
 * ``hf_api``: ``(native nn.Module, tokenizer)`` -> the model with the Hugging Face API
   (:func:`hfbridge.adapters.to_hf_api`), for ``HFAutoModelForCausalLM(model_name=<native module>)``;
 * ``skipped_token_ids``: a processor or tokenizer -> the token ids never trained
-  (:func:`hfbridge.data.vision.skipped_token_ids`), for ``HFAutoModelForImageTextToText.extract_skipped_token_ids``.
+  (:func:`hfbridge.data.image_text.skipped_token_ids`), for ``HFAutoModelForImageTextToText.extract_skipped_token_ids``.
 
 :mod:`hfbridge` (the package's ``__init__``, which Python runs before any submodule) registers them, once, with
 :func:`register`. Nothing registers anything as a side effect of importing those layers.

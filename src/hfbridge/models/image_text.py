@@ -19,7 +19,7 @@ from hfbridge.losses import masked_cross_entropy
 from hfbridge.models import hooks, loading
 from hfbridge.models.causal_lm import HFAutoModelForCausalLM
 from hfbridge.models.peft_adapters import base_model
-from hfbridge.models.tiny_vlm import DEMO_VLM_NAME, resolve_vlm_name
+from hfbridge.models.tiny_image_text import DEMO_IMAGE_TEXT_MODEL, resolve_image_text_name
 from hfbridge.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,14 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
     ``activation_checkpointing``, ``compile``, ``liger``, and ``device_mesh`` / ``parallel`` (FSDP2 over a ``(dp, fsdp, tp, sp)`` mesh, as for causal LMs; see
     docs/distributed.md).
 
-    Batches are what :class:`hfbridge.data.vision.VisionDataModule` serves: the processor's outputs
+    Batches are what :class:`hfbridge.data.image_text.ImageTextDataModule` serves: the processor's outputs
     (``input_ids``, ``attention_mask``, ``pixel_values``, ...) plus ``labels`` and ``num_label_tokens``.
     """
 
     def __init__(
         self,
         *,
-        model_name: str | os.PathLike | nn.Module = DEMO_VLM_NAME,
+        model_name: str | os.PathLike | nn.Module = DEMO_IMAGE_TEXT_MODEL,
         load_pretrained_weights: bool = True,
         processor=None,
         loss_fn: Callable = masked_cross_entropy,
@@ -88,7 +88,7 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         self._processor = processor
         self.freeze_language_model = freeze_language_model
         self.freeze_vision_tower = freeze_vision_tower
-        if str(model_name).startswith(DEMO_VLM_NAME):
+        if str(model_name).startswith(DEMO_IMAGE_TEXT_MODEL):
             log.warning("%s has random weights: it shows the pipeline, not a trained model. Real weights come from a "
                         "hub id or a local folder (model_name=...)", model_name)
 
@@ -115,7 +115,7 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         """The ``AutoProcessor`` of ``model_name`` (its tokenizer given a pad token: EOS when it has none)."""
         from transformers import AutoProcessor
 
-        path = loading.resolve_model_path(resolve_vlm_name(model_name), trust_remote_code)
+        path = loading.resolve_model_path(resolve_image_text_name(model_name), trust_remote_code)
         try:
             processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (ImportError, AttributeError, ValueError, TypeError) as e:
@@ -136,7 +136,7 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
     def extract_skipped_token_ids(self, tokenizer=None) -> torch.IntTensor:
         """Token ids never trained as targets (image, video, padding and structural special tokens; never the
         end-of-turn token), derived from this module's processor, or from ``tokenizer`` when it is another one.
-        See :func:`hfbridge.data.vision.skipped_token_ids` (reached through :mod:`hfbridge.models.hooks`)."""
+        See :func:`hfbridge.data.image_text.skipped_token_ids` (reached through :mod:`hfbridge.models.hooks`)."""
         if tokenizer is None or tokenizer is self.processor.tokenizer:
             return hooks.skipped_token_ids(self.processor)
         return hooks.skipped_token_ids(tokenizer)
@@ -164,7 +164,7 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         from transformers import AutoModelForImageTextToText
 
         name = self.model_name if model_name is None else model_name
-        return super()._load_model(auto_class or AutoModelForImageTextToText, resolve_vlm_name(name))
+        return super()._load_model(auto_class or AutoModelForImageTextToText, resolve_image_text_name(name))
 
     def _preprocessor(self):
         """The processor (tokenizer, image processor, chat template), saved beside the model."""

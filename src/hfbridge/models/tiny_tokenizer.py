@@ -1,5 +1,5 @@
 """A tiny byte-level BPE tokenizer trained locally in a second, with ChatML special tokens and template: the
-tokenizer of the tiny demo models (:mod:`hfbridge.models.tiny_vlm`), and of tests and benchmarks that must not
+tokenizer of the tiny demo models (:mod:`hfbridge.models.tiny_image_text`), and of tests and benchmarks that must not
 touch a hub (:mod:`hfbridge.testing` re-exports it)."""
 
 from __future__ import annotations

@@ -215,7 +215,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("model.attn_implementation", "--attn-implementation", "sdpa (default), eager, flash_attention_2, ..."),
     Flag("model.trust_remote_code", "--trust-remote-code", "run code shipped with the model"),
     Flag("method.task", "--task", "text-generation (causal LMs, default) or image-text-to-text (vision-language "
-         "models: chat records with images, see docs/vlm.md)"),
+         "models: chat records with images, see docs/image_text.md)"),
     Flag("method.name", "--method", "the training method: sft (next-token loss on completions)"),
     Flag("data.train", "--data", "training data: .jsonl, .csv, .parquet or a datasets folder (default: demo task)"),
     Flag("data.validation", "--val-data", "validation data (loss only)"),

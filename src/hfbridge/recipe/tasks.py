@@ -250,9 +250,9 @@ class ImageTextTask(Task):
 
     @property
     def default_model(self) -> str:  # type: ignore[override]
-        from hfbridge.models.tiny_vlm import DEMO_VLM_NAME
+        from hfbridge.models.tiny_image_text import DEMO_IMAGE_TEXT_MODEL
 
-        return DEMO_VLM_NAME
+        return DEMO_IMAGE_TEXT_MODEL
 
     def defaults(self, user: dict) -> dict:
         """The tiny random demo model's recipe for the options left out: an adapter on random weights has nothing
@@ -268,8 +268,8 @@ class ImageTextTask(Task):
                              "must stay in their sample's row); use --packing auto or off")
 
     def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
-        from hfbridge.data.demo_vision import write_shapes_data
-        from hfbridge.data.vision import load_vision_records, prompt_and_reference
+        from hfbridge.data.demo_image_text import write_shapes_data
+        from hfbridge.data.image_text import load_image_text_records, prompt_and_reference
 
         train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
         if train_path is None:
@@ -278,22 +278,22 @@ class ImageTextTask(Task):
             test_path = test_path or demo_test
             say(f"no --data given: using the bundled coloured-shapes task ({cfg.data.demo_train_size} train "
                 "records, questions about one or two generated images)")
-        train = load_vision_records(train_path)
-        val = load_vision_records(val_path) if val_path else None
-        test = load_vision_records(test_path)[: cfg.eval.samples] if test_path else None
+        train = load_image_text_records(train_path)
+        val = load_image_text_records(val_path) if val_path else None
+        test = load_image_text_records(test_path)[: cfg.eval.samples] if test_path else None
         pairs = [prompt_and_reference(r) for r in test] if test else None
         return TaskData(train, val, pairs, "messages", {"train": str(train_path), "test": str(test_path)})
 
     def check_model(self, cfg: RunConfig, name: str | None = None) -> tuple[Path, int | None]:
         from hfbridge.models.image_text import HFAutoModelForImageTextToText
-        from hfbridge.models.tiny_vlm import DEMO_VLM_NAME, resolve_vlm_name
+        from hfbridge.models.tiny_image_text import DEMO_IMAGE_TEXT_MODEL, resolve_image_text_name
 
-        if cfg.model.name == DEMO_VLM_NAME:
-            say(f"no --model given: using {DEMO_VLM_NAME}, a tiny vision-language model with RANDOM weights (LLaVA "
+        if cfg.model.name == DEMO_IMAGE_TEXT_MODEL:
+            say(f"no --model given: using {DEMO_IMAGE_TEXT_MODEL}, a tiny vision-language model with RANDOM weights (LLaVA "
                 "architecture) built locally and trained in full, so the point is the pipeline. Real "
                 "VLM weights come from a hub id or a local folder: --model HuggingFaceTB/SmolVLM-256M-Instruct "
                 "(when the hub is reachable or it is in the local hub cache) or --model path/to/folder")
-        path, context = super().check_model(cfg, str(resolve_vlm_name(cfg.model.name)))
+        path, context = super().check_model(cfg, str(resolve_image_text_name(cfg.model.name)))
         self.processor = HFAutoModelForImageTextToText.configure_processor(path, cfg.model.trust_remote_code)
         return path, context
 
@@ -304,9 +304,9 @@ class ImageTextTask(Task):
                                              **module_options(cfg, job))
 
     def datamodule(self, cfg: RunConfig, module, data: TaskData, context: int | None):
-        from hfbridge.data.vision import VisionDataModule
+        from hfbridge.data.image_text import ImageTextDataModule
 
-        return VisionDataModule(self.processor, data.train, data.validation, max_length=cfg.data.max_length,
+        return ImageTextDataModule(self.processor, data.train, data.validation, max_length=cfg.data.max_length,
                                 batch_size=cfg.train.batch_size, seed=cfg.train.seed)
 
     def answer(self, model, module, prompts: list, cfg: RunConfig) -> list[str]:
@@ -325,9 +325,9 @@ class ImageTextTask(Task):
 
     def threads(self, cfg: RunConfig) -> int | None:
         """The tiny demo model trains many times faster on one thread than on two, which spin against each other."""
-        from hfbridge.models.tiny_vlm import DEMO_VLM_NAME
+        from hfbridge.models.tiny_image_text import DEMO_IMAGE_TEXT_MODEL
 
-        return 1 if cfg.model.name == DEMO_VLM_NAME else None
+        return 1 if cfg.model.name == DEMO_IMAGE_TEXT_MODEL else None
 
 
 TASKS = {task.name: task for task in (TextTask, ImageTextTask)}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from image_text_helpers import chat, fit_image_text, square
 from transformers import AutoModelForImageTextToText
-from vlm_helpers import chat, fit_vlm, square
 
 HERE = Path(__file__).parent
 PARALLEL_TESTS = HERE.parent / "parallel"
@@ -19,10 +19,10 @@ sys.path.insert(0, str(PARALLEL_TESTS))  # par_common's step recorder (gathers s
 
 
 def _probe(module_or_model, processor):
-    from hfbridge.data.vision import VisionDataModule
+    from hfbridge.data.image_text import ImageTextDataModule
 
     records = [chat(("user", "<img>What colour is the shape?"), ("assistant", "red"), images=[square()])]
-    dm = VisionDataModule(processor, records, batch_size=1)
+    dm = ImageTextDataModule(processor, records, batch_size=1)
     dm.setup()
     batch = dm.collator(dm.train_samples)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
@@ -30,16 +30,16 @@ def _probe(module_or_model, processor):
         return module_or_model.eval()(**inputs).logits
 
 
-def test_fsdp2_on_two_processes_equals_one_process(vlm_dirs, tmp_path):
-    model_dir = vlm_dirs["llava"]
+def test_fsdp2_on_two_processes_equals_one_process(image_text_dirs, tmp_path):
+    model_dir = image_text_dirs["llava"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(HERE), str(PARALLEL_TESTS), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(HERE / "vlm_fsdp_worker.py"), str(tmp_path), str(model_dir)]
+           str(HERE / "image_text_fsdp_worker.py"), str(tmp_path), str(model_dir)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
 
-    recorder, module = fit_vlm(model_dir)
+    recorder, module = fit_image_text(model_dir)
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert len(losses) == len(recorder.losses) == 3
     assert losses == pytest.approx(recorder.losses, abs=1e-5)
@@ -56,16 +56,16 @@ def test_fsdp2_on_two_processes_equals_one_process(vlm_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llava", "idefics3", "gemma3"])
-def test_each_rank_can_read_its_shards_from_the_files_under_their_saved_names(vlm_dirs, family):
+def test_each_rank_can_read_its_shards_from_the_files_under_their_saved_names(image_text_dirs, family):
     """The files keep transformers' saved key names (``vision_tower.*`` for the module's ``model.vision_tower.*``):
     the sharded loading path maps every weight to its file key rather than falling back to a full broadcast."""
     from safetensors import safe_open
 
     from hfbridge.parallel.materialize import _file_keys
 
-    model = AutoModelForImageTextToText.from_pretrained(vlm_dirs[family])
+    model = AutoModelForImageTextToText.from_pretrained(image_text_dirs[family])
     in_files = set()
-    for path in Path(vlm_dirs[family]).glob("*.safetensors"):
+    for path in Path(image_text_dirs[family]).glob("*.safetensors"):
         with safe_open(str(path), "pt") as f:
             in_files.update(f.keys())
     state = model.state_dict()

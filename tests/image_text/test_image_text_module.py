@@ -6,13 +6,13 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from image_text_helpers import chat, square
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from vlm_helpers import chat, square
 
 import hfbridge
 from hfbridge import HFAutoModelForImageTextToText, LoRA, OptimizerConfig, masked_cross_entropy
-from hfbridge.data.demo_vision import shape_records
-from hfbridge.data.vision import VisionDataModule, load_vision_records, prompt_and_reference
+from hfbridge.data.demo_image_text import shape_records
+from hfbridge.data.image_text import ImageTextDataModule, load_image_text_records, prompt_and_reference
 from hfbridge.generation import generate_image_text as generate
 from hfbridge.losses import IGNORE_INDEX
 
@@ -26,7 +26,7 @@ def _module(model_dir, **kwargs):
 
 
 def _batch(module, records):
-    dm = VisionDataModule(module.processor, records, batch_size=len(records))
+    dm = ImageTextDataModule(module.processor, records, batch_size=len(records))
     dm.setup()
     return dm.collator(dm.train_samples)
 
@@ -45,14 +45,14 @@ def test_importable_from_hfbridge_with_the_seed_api():
     assert module.loss_fn is masked_cross_entropy and module.default_dtype == "auto"
 
 
-def test_training_step_loss_is_the_masked_loss_of_shifted_labels(vlm_dir):
+def test_training_step_loss_is_the_masked_loss_of_shifted_labels(image_text_dir):
     """The module's loss equals masked_cross_entropy on the model's logits, and equals the model's own loss given
     unshifted labels (transformers shifts them itself): the labels are shifted once, the same tokens counted."""
-    module = _module(vlm_dir)
+    module = _module(image_text_dir)
     batch = _batch(module, shape_records(4, seed=1))
     loss = module.training_step(dict(batch))
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
-    reference = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    reference = AutoModelForImageTextToText.from_pretrained(image_text_dir)
     with torch.no_grad():
         logits = reference(**inputs).logits
         unshifted = torch.cat([torch.full_like(batch["labels"][:, :1], IGNORE_INDEX), batch["labels"][:, :-1]], 1)
@@ -61,9 +61,9 @@ def test_training_step_loss_is_the_masked_loss_of_shifted_labels(vlm_dir):
     assert torch.allclose(loss, hf_loss, atol=1e-5)
 
 
-def test_loss_falls_and_the_model_answers_after_training(vlm_dir):
+def test_loss_falls_and_the_model_answers_after_training(image_text_dir):
     torch.manual_seed(0)
-    module = _module(vlm_dir)
+    module = _module(image_text_dir)
     batch = _batch(module, _colour_records())
     optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
     losses = []
@@ -74,13 +74,13 @@ def test_loss_falls_and_the_model_answers_after_training(vlm_dir):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses
-    prompts = [prompt_and_reference(r)[0] for r in load_vision_records(_colour_records())]
+    prompts = [prompt_and_reference(r)[0] for r in load_image_text_records(_colour_records())]
     # the answer, and then the end-of-turn token (learned, so generation stops)
     assert generate(module.model, module.processor, prompts, max_new_tokens=8) == ["red", "blue"]
 
 
-def test_save_then_reload_with_plain_transformers_gives_the_same_logits(vlm_dir, tmp_path):
-    module = _module(vlm_dir)
+def test_save_then_reload_with_plain_transformers_gives_the_same_logits(image_text_dir, tmp_path):
+    module = _module(image_text_dir)
     records = shape_records(3, seed=2)
     batch = _batch(module, records)
     module.training_step(dict(batch)).backward()
@@ -90,7 +90,7 @@ def test_save_then_reload_with_plain_transformers_gives_the_same_logits(vlm_dir,
     module.save_pretrained(tmp_path / "saved")
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "saved")
-    reloaded = VisionDataModule(processor, records, batch_size=3)
+    reloaded = ImageTextDataModule(processor, records, batch_size=3)
     reloaded.setup()
     batch2 = reloaded.collator(reloaded.train_samples)
     assert torch.equal(batch["input_ids"], batch2["input_ids"]) and torch.equal(batch["labels"], batch2["labels"])
@@ -100,20 +100,20 @@ def test_save_then_reload_with_plain_transformers_gives_the_same_logits(vlm_dir,
         assert torch.allclose(module.model(**inputs).logits, model(**inputs).logits, atol=1e-6)
 
 
-def test_batched_generation_equals_one_at_a_time(vlm_dir):
-    module = _module(vlm_dir)
-    prompts = [prompt_and_reference(r)[0] for r in load_vision_records(shape_records(4, seed=3))]
-    prompts.append(load_vision_records([chat(("user", "Hello"), ("assistant", "x"))])[0])  # no image
+def test_batched_generation_equals_one_at_a_time(image_text_dir):
+    module = _module(image_text_dir)
+    prompts = [prompt_and_reference(r)[0] for r in load_image_text_records(shape_records(4, seed=3))]
+    prompts.append(load_image_text_records([chat(("user", "Hello"), ("assistant", "x"))])[0])  # no image
     prompts[-1] = prompt_and_reference(prompts[-1])[0]
     batched = generate(module.model, module.processor, prompts, max_new_tokens=5, batch_size=5)
     alone = [generate(module.model, module.processor, [p], max_new_tokens=5)[0] for p in prompts]
     assert batched == alone
 
 
-def test_validation_step_logs_the_token_weighted_val_loss(vlm_dirs):
-    module = HFAutoModelForImageTextToText(model_name=str(vlm_dirs["llava"]))
+def test_validation_step_logs_the_token_weighted_val_loss(image_text_dirs):
+    module = HFAutoModelForImageTextToText(model_name=str(image_text_dirs["llava"]))
     val = shape_records(5, seed=4)
-    dm = VisionDataModule(module.processor, shape_records(4), val_data=val, batch_size=2)
+    dm = ImageTextDataModule(module.processor, shape_records(4), val_data=val, batch_size=2)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=0)
     trainer.validate(module, dm)
@@ -125,7 +125,7 @@ def test_validation_step_logs_the_token_weighted_val_loss(vlm_dirs):
     assert logged == pytest.approx(float(masked_cross_entropy(logits, batch["labels"])), rel=1e-5)
 
 
-def test_trainer_fit_with_gradient_accumulation_matches_one_large_batch(vlm_dirs):
+def test_trainer_fit_with_gradient_accumulation_matches_one_large_batch(image_text_dirs):
     """Per-token normalisation over the optimizer step holds for image batches: 2 micro-batches of 2 give the
     gradients of one batch of 4."""
 
@@ -138,9 +138,9 @@ def test_trainer_fit_with_gradient_accumulation_matches_one_large_batch(vlm_dirs
     records = shape_records(4, seed=5)
     grads = []
     for batch_size, accumulate in ((4, 1), (2, 2)):
-        module = HFAutoModelForImageTextToText(model_name=str(vlm_dirs["idefics3"]),
+        module = HFAutoModelForImageTextToText(model_name=str(image_text_dirs["idefics3"]),
                                                optim=OptimizerConfig(lr=1e-3, warmup_steps=0))
-        dm = VisionDataModule(module.processor, records, batch_size=batch_size, seed=1)
+        dm = ImageTextDataModule(module.processor, records, batch_size=batch_size, seed=1)
         pl.Trainer(max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()]).fit(module, dm)
         grads.append(Capture.grads)
@@ -149,8 +149,8 @@ def test_trainer_fit_with_gradient_accumulation_matches_one_large_batch(vlm_dirs
 
 
 @pytest.mark.parametrize("frozen", ["vision", "language"])
-def test_freezing_the_vision_tower_or_the_language_model(vlm_dir, frozen):
-    module = _module(vlm_dir, model_transform=LoRA(r=4), freeze_vision_tower=frozen == "vision",
+def test_freezing_the_vision_tower_or_the_language_model(image_text_dir, frozen):
+    module = _module(image_text_dir, model_transform=LoRA(r=4), freeze_vision_tower=frozen == "vision",
                      freeze_language_model=frozen == "language")
     base = module.model.get_base_model()
     part = base.get_encoder(modality="image") if frozen == "vision" else base.get_decoder()
@@ -164,21 +164,21 @@ def test_freezing_the_vision_tower_or_the_language_model(vlm_dir, frozen):
     assert all(torch.equal(p, before[n]) for n, p in part.named_parameters())
 
 
-def test_processor_property_setter_and_skipped_ids(vlm_dirs):
-    module = HFAutoModelForImageTextToText(model_name=str(vlm_dirs["gemma3"]))
+def test_processor_property_setter_and_skipped_ids(image_text_dirs):
+    module = HFAutoModelForImageTextToText(model_name=str(image_text_dirs["gemma3"]))
     assert module._processor is None
     processor = module.processor  # configured lazily from model_name
     assert module.tokenizer is processor.tokenizer
     ids = module.extract_skipped_token_ids(module.tokenizer)
     assert isinstance(ids, torch.IntTensor) and processor.tokenizer.convert_tokens_to_ids("<end_of_turn>") not in ids
-    other = AutoProcessor.from_pretrained(vlm_dirs["llava"])
+    other = AutoProcessor.from_pretrained(image_text_dirs["llava"])
     module.processor = other
     assert module.processor is other
-    assert HFAutoModelForImageTextToText.configure_processor(str(vlm_dirs["llava"])).chat_template
+    assert HFAutoModelForImageTextToText.configure_processor(str(image_text_dirs["llava"])).chat_template
 
 
-def test_lora_adapter_saves_alone_and_merged(vlm_dirs, tmp_path):
-    module = _module(vlm_dirs["gemma3"], model_transform=LoRA(r=4))
+def test_lora_adapter_saves_alone_and_merged(image_text_dirs, tmp_path):
+    module = _module(image_text_dirs["gemma3"], model_transform=LoRA(r=4))
     module.save_pretrained(tmp_path / "adapter")
     module.save_pretrained(tmp_path / "merged", merged=True)
     assert (tmp_path / "adapter" / "adapter_config.json").exists()

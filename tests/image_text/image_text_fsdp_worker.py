@@ -1,6 +1,6 @@
-"""Run by ``test_vlm_fsdp.py`` under ``torchrun``: fit a tiny vision-language model with FSDP2 over ``fsdp`` ranks.
+"""Run by ``test_image_text_fsdp.py`` under ``torchrun``: fit a tiny vision-language model with FSDP2 over ``fsdp`` ranks.
 
-    vlm_fsdp_worker.py OUT MODEL_DIR
+    image_text_fsdp_worker.py OUT MODEL_DIR
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 
-from vlm_helpers import fit_vlm  # noqa: E402
+from image_text_helpers import fit_image_text  # noqa: E402
 
 
 def main(out: Path, model_dir: str) -> None:
@@ -24,7 +24,7 @@ def main(out: Path, model_dir: str) -> None:
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     config = ParallelConfig(sharding_axis_dims=(1, -1, 1, 1))
-    recorder, module = fit_vlm(model_dir, parallel=config, devices=world, dp_size=world)
+    recorder, module = fit_image_text(model_dir, parallel=config, devices=world, dp_size=world)
     module.save_pretrained(out / "saved")  # consolidated: every rank gathers, rank 0 writes
     if rank == 0:
         torch.save({"grads": recorder.grads}, out / "grads.pt")

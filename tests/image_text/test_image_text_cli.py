@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from image_text_helpers import square
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from vlm_helpers import square
 
 from hfbridge import cli
-from hfbridge.data.demo_vision import write_shapes_data
-from hfbridge.data.vision import VisionDataModule
+from hfbridge.data.demo_image_text import write_shapes_data
+from hfbridge.data.image_text import ImageTextDataModule
 
 SMALL = ["--demo-train-size", "16", "--eval-samples", "4", "--max-steps", "3", "--batch-size", "4",
          "--max-new-tokens", "4", "--no-progress-bar"]
@@ -31,16 +31,16 @@ def test_the_default_job_trains_the_tiny_random_vlm_on_the_shapes_task(tmp_path,
     # the saved model and processor are plain transformers, and they run on the saved data
     processor = AutoProcessor.from_pretrained(out / "model")
     model = AutoModelForImageTextToText.from_pretrained(out / "model")
-    dm = VisionDataModule(processor, out / "data" / "train.jsonl", batch_size=2)
+    dm = ImageTextDataModule(processor, out / "data" / "train.jsonl", batch_size=2)
     batch = next(iter(dm.train_dataloader()))
     logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
 
 
-def test_a_model_folder_trains_with_lora_and_saves_adapter_and_merged_model(vlm_dirs, tmp_path):
+def test_a_model_folder_trains_with_lora_and_saves_adapter_and_merged_model(image_text_dirs, tmp_path):
     train, test = write_shapes_data(tmp_path / "data", n_train=8, n_test=2)
     out = tmp_path / "run"
-    args = ["finetune", "--task", "image-text-to-text", "--model", str(vlm_dirs["idefics3"]), "--data", str(train),
+    args = ["finetune", "--task", "image-text-to-text", "--model", str(image_text_dirs["idefics3"]), "--data", str(train),
             "--test-data", str(test), "--output", str(out), *SMALL[4:]]
     assert cli.main(args) == 0
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "model" / "model.safetensors").exists()
@@ -58,14 +58,14 @@ def test_a_model_folder_trains_with_lora_and_saves_adapter_and_merged_model(vlm_
             '{"role": "assistant", "content": "red"}]}\n'), "1 image placeholder(s) without their own image"),
     ],
 )
-def test_bad_data_is_reported_before_loading(vlm_dirs, tmp_path, capsys, setup, message):
+def test_bad_data_is_reported_before_loading(image_text_dirs, tmp_path, capsys, setup, message):
 
     square().save(tmp_path / "img.png")
     record = {"messages": [{"role": "user", "content": [{"type": "image", "image": "img.png"}]},
                            {"role": "assistant", "content": "red"}]}
     (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
     setup(tmp_path)
-    args = ["finetune", "--task", "image-text-to-text", "--model", str(vlm_dirs["llava"]),
+    args = ["finetune", "--task", "image-text-to-text", "--model", str(image_text_dirs["llava"]),
             "--data", str(tmp_path / "data.jsonl"), "--output", str(tmp_path / "o")]
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
@@ -80,7 +80,7 @@ def test_a_text_model_is_refused_for_the_image_task(tiny_model_dir, tmp_path, ca
     assert "has no multimodal processor" in capsys.readouterr().err
 
 
-def test_speed_options_change_what_runs(vlm_dirs, tmp_path, monkeypatch):
+def test_speed_options_change_what_runs(image_text_dirs, tmp_path, monkeypatch):
     """--activation-checkpointing and --compile reach the image-text module and are applied to its model;
     --packing on is refused (image tokens must stay in their sample's row) before anything is loaded."""
     from hfbridge.parallel import parallelize
@@ -90,7 +90,7 @@ def test_speed_options_change_what_runs(vlm_dirs, tmp_path, monkeypatch):
                         lambda model, mode=True: applied.append(("checkpointing", mode)))
     monkeypatch.setattr(parallelize, "compile_layers", lambda model, **kw: applied.append(("compile", True)) or 0)
     train, _ = write_shapes_data(tmp_path / "data", n_train=4, n_test=1)
-    base = ["finetune", "--task", "image-text-to-text", "--model", str(vlm_dirs["llava"]), "--data", str(train),
+    base = ["finetune", "--task", "image-text-to-text", "--model", str(image_text_dirs["llava"]), "--data", str(train),
             "--max-steps", "1", "--batch-size", "2", "--no-progress-bar", "--full"]
     assert cli.main([*base, "--output", str(tmp_path / "a"), "--activation-checkpointing", "selective",
                      "--compile"]) == 0
@@ -99,7 +99,7 @@ def test_speed_options_change_what_runs(vlm_dirs, tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()
 
 
-def test_two_processes_are_one_fsdp2_run_equal_to_one_process(vlm_dirs, tmp_path):
+def test_two_processes_are_one_fsdp2_run_equal_to_one_process(image_text_dirs, tmp_path):
     """`--nproc-per-node 2 --sharding-axis-dims 1,-1,1,1` is one two-rank FSDP2 run: the same step losses as one
     process on the same global batch (2 x 2 = 4), and the same trained weights."""
     import os
@@ -109,7 +109,7 @@ def test_two_processes_are_one_fsdp2_run_equal_to_one_process(vlm_dirs, tmp_path
     from hfbridge.reporting import read_metrics
 
     train, _ = write_shapes_data(tmp_path / "data", n_train=16, n_test=1)
-    common = ["finetune", "--task", "image-text-to-text", "--model", str(vlm_dirs["llava"]), "--data", str(train),
+    common = ["finetune", "--task", "image-text-to-text", "--model", str(image_text_dirs["llava"]), "--data", str(train),
               "--full", "--lr", "1e-2", "--max-steps", "3", "--no-progress-bar", "--warmup-ratio", "0",
               "--schedule", "constant", "--eval-samples", "1", "--show-samples", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -127,7 +127,7 @@ def test_two_processes_are_one_fsdp2_run_equal_to_one_process(vlm_dirs, tmp_path
     # The trained models answer alike (weights whose gradients are near zero can differ by Adam's normalised
     # rounding noise, so the comparison is of what the models compute, on the training data).
     processor = AutoProcessor.from_pretrained(tmp_path / "one" / "model")
-    batch = next(iter(VisionDataModule(processor, train, batch_size=4).train_dataloader()))
+    batch = next(iter(ImageTextDataModule(processor, train, batch_size=4).train_dataloader()))
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_label_tokens")}
     logits = [AutoModelForImageTextToText.from_pretrained(tmp_path / name / "model").eval()(**inputs).logits
               for name in ("one", "two")]

@@ -134,7 +134,7 @@ def load_image(source: Any, where: str = "", base_dir: str | Path | None = None)
 
 # ----------------------------------------------------------------------------------------------------- records
 @dataclass
-class VisionRecord:
+class ImageTextRecord:
     """A checked chat record: contents as lists of parts, each image part reduced to ``{"type": "image"}`` (what
     chat templates render as a placeholder), and the images' sources in order."""
 
@@ -151,7 +151,7 @@ def _image_source(part: dict) -> Any:
     return next((part[k] for k in _IMAGE_KEYS if part.get(k) is not None), None)
 
 
-def parse_record(record: dict, where: str, base_dir: str | Path | None = None, check_images: bool = True) -> VisionRecord:
+def parse_record(record: dict, where: str, base_dir: str | Path | None = None, check_images: bool = True) -> ImageTextRecord:
     """Check one chat record with images and normalise it (see the module docstring for the format).
 
     With ``check_images`` every image is opened (its header only) so that a missing file, an unreadable file or
@@ -198,14 +198,14 @@ def parse_record(record: dict, where: str, base_dir: str | Path | None = None, c
             image = open_image(source, where, base)
             if image is not source:
                 image.close()
-    return VisionRecord(where, messages, sources, base)
+    return ImageTextRecord(where, messages, sources, base)
 
 
-def load_vision_records(data: DataArg | Sequence[VisionRecord], split: str | None = None) -> list[VisionRecord]:
+def load_image_text_records(data: DataArg | Sequence[ImageTextRecord], split: str | None = None) -> list[ImageTextRecord]:
     """Read and check every record of a data file/folder or a list of dicts (records already checked pass as they
     are); image paths in a file's records are resolved against the file's folder (in-memory records: against the
     working folder)."""
-    if isinstance(data, Sequence) and data and all(isinstance(r, VisionRecord) for r in data):
+    if isinstance(data, Sequence) and data and all(isinstance(r, ImageTextRecord) for r in data):
         return list(data)
     base_dir = None
     if isinstance(data, (str, Path)):
@@ -213,15 +213,15 @@ def load_vision_records(data: DataArg | Sequence[VisionRecord], split: str | Non
     return [parse_record(record, where, base_dir) for where, record in record_rows(data, split)]
 
 
-def prompt_and_reference(record: VisionRecord) -> tuple[VisionRecord, str]:
+def prompt_and_reference(record: ImageTextRecord) -> tuple[ImageTextRecord, str]:
     """The record cut before its last assistant turn (with the images that part shows), and that turn's text."""
     last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
     shown = sum(p["type"] == "image" for m in record.messages[:last] for p in m["content"])
     reference = "".join(p.get("text", "") for p in record.messages[last]["content"])
-    return VisionRecord(record.where, record.messages[:last], record.images[:shown], record.base_dir), reference
+    return ImageTextRecord(record.where, record.messages[:last], record.images[:shown], record.base_dir), reference
 
 
-def image_text_inputs(processor, records: Sequence[VisionRecord]) -> dict:
+def image_text_inputs(processor, records: Sequence[ImageTextRecord]) -> dict:
     """Model inputs of prompts (records cut before their answer): rendered with the chat template and its
     generation prompt, with their images, left-padded, as tensors."""
     images = [[load_image(src, r.where, r.base_dir) for src in r.images] for r in records]
@@ -232,7 +232,7 @@ def image_text_inputs(processor, records: Sequence[VisionRecord]) -> dict:
     )
 
 
-def prompt_length(processor, record: VisionRecord) -> int:
+def prompt_length(processor, record: ImageTextRecord) -> int:
     """The text tokens of a prompt, images not expanded: enough to sort prompts by length."""
     text = render_chat(processor, record.messages, add_generation_prompt=True)
     return len(_chat_tokenizer(processor)(text, add_special_tokens=False)["input_ids"])
@@ -295,30 +295,30 @@ def _expand(position: int, replacements: Sequence[dict]) -> int:
 
 
 @dataclass
-class VisionSample:
+class ImageTextSample:
     """A record rendered with the chat template: the text, and its assistant turns as character spans."""
 
-    record: VisionRecord
+    record: ImageTextRecord
     text: str
     spans: list[tuple[int, int]]
     length: int = 0  # tokens after the processor's expansion
     num_label_tokens: int = 0
 
 
-def render_sample(processor, record: VisionRecord) -> VisionSample:
+def render_sample(processor, record: ImageTextRecord) -> ImageTextSample:
     try:
         text, spans = assistant_spans(processor, record.messages)
     except DataFormatError as e:
         raise DataFormatError(f"{record.where}: {e}") from e
-    return VisionSample(record, text, spans)
+    return ImageTextSample(record, text, spans)
 
 
-def _wheres(samples: Sequence[VisionSample]) -> str:
+def _wheres(samples: Sequence[ImageTextSample]) -> str:
     wheres = [s.record.where for s in samples]
     return wheres[0] if len(wheres) == 1 else f"one of {', '.join(wheres[:4])}{'...' if len(wheres) > 4 else ''}"
 
 
-def encode_samples(processor, samples: Sequence[VisionSample], skipped_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def encode_samples(processor, samples: Sequence[ImageTextSample], skipped_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """One batch: the processor's output (right-padded ``input_ids``, ``attention_mask``, pixel values and
     whatever else this family's model takes, batched the family's way) plus next-token ``labels``."""
     if not samples:
@@ -358,18 +358,18 @@ def encode_samples(processor, samples: Sequence[VisionSample], skipped_ids: torc
 
 
 @dataclass
-class VisionCollator:
-    """Batch :class:`VisionSample` s through the processor (it pads text and batches pixels its family's way)."""
+class ImageTextCollator:
+    """Batch :class:`ImageTextSample` s through the processor (it pads text and batches pixels its family's way)."""
 
     processor: Any
     skipped_ids: torch.Tensor
 
-    def __call__(self, samples: Sequence[VisionSample]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[ImageTextSample]) -> dict[str, torch.Tensor]:
         return encode_samples(self.processor, samples, self.skipped_ids)
 
 
 # ----------------------------------------------------------------------------------------------------- module
-class VisionDataModule(CausalLMDataModule):
+class ImageTextDataModule(CausalLMDataModule):
     """:class:`hfbridge.CausalLMDataModule` for chat records with images, batched through a processor.
 
     Every record is checked when the module is built (format, image files, modes, image counts), and every sample
@@ -393,7 +393,7 @@ class VisionDataModule(CausalLMDataModule):
     ):
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
             raise ValueError(
-                f"VisionDataModule needs a multimodal processor with an image processor and a tokenizer, got "
+                f"ImageTextDataModule needs a multimodal processor with an image processor and a tokenizer, got "
                 f"{type(processor).__name__}"
             )
         chat_template_or_error(processor, "the processor")
@@ -404,12 +404,12 @@ class VisionDataModule(CausalLMDataModule):
             num_workers=num_workers,
         )
         self.skipped_ids = skipped_token_ids(processor)
-        self.collator = VisionCollator(processor, self.skipped_ids)
+        self.collator = ImageTextCollator(processor, self.skipped_ids)
 
-    def _load_records(self, data: DataArg, data_format: str) -> tuple[list[VisionRecord], str]:
-        return load_vision_records(data), "messages"
+    def _load_records(self, data: DataArg, data_format: str) -> tuple[list[ImageTextRecord], str]:
+        return load_image_text_records(data), "messages"
 
-    def _tokenize(self, records: list[VisionRecord], split: str) -> list[VisionSample]:
+    def _tokenize(self, records: list[ImageTextRecord], split: str) -> list[ImageTextSample]:
         samples = []
         for record in records:
             sample = render_sample(self.processor, record)
@@ -434,7 +434,7 @@ class VisionDataModule(CausalLMDataModule):
 
 
 __all__ = [
-    "SUPPORTED_MODES", "ImageError", "image_text_inputs", "prompt_length", "VisionCollator", "VisionDataModule", "VisionRecord",
-    "VisionSample", "encode_samples", "load_image", "load_vision_records", "open_image", "parse_record",
+    "SUPPORTED_MODES", "ImageError", "image_text_inputs", "prompt_length", "ImageTextCollator", "ImageTextDataModule", "ImageTextRecord",
+    "ImageTextSample", "encode_samples", "load_image", "load_image_text_records", "open_image", "parse_record",
     "prompt_and_reference", "render_sample", "skipped_token_ids",
 ]

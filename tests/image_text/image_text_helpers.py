@@ -34,7 +34,7 @@ def chat(*turns, images=()):
 GLOBAL_BATCH = 4
 
 
-def fit_vlm(model_dir, *, parallel=None, devices: int = 1, dp_size: int = 1, steps: int = 3):
+def fit_image_text(model_dir, *, parallel=None, devices: int = 1, dp_size: int = 1, steps: int = 3):
     """Full fine-tuning of a tiny VLM for a few optimizer steps on the shapes task (global batch GLOBAL_BATCH, two
     accumulated micro-batches); returns the step recorder (losses, first step's full gradients) and the module."""
     import lightning.pytorch as pl
@@ -42,14 +42,14 @@ def fit_vlm(model_dir, *, parallel=None, devices: int = 1, dp_size: int = 1, ste
     from par_common import Recorder
 
     from hfbridge import HFAutoModelForImageTextToText, OptimizerConfig
-    from hfbridge.data.demo_vision import shape_records
-    from hfbridge.data.vision import VisionDataModule
+    from hfbridge.data.demo_image_text import shape_records
+    from hfbridge.data.image_text import ImageTextDataModule
 
     torch.manual_seed(0)
     module = HFAutoModelForImageTextToText(
         model_name=str(model_dir), optim=OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="linear"), parallel=parallel,
     )
-    dm = VisionDataModule(module.processor, shape_records(16, seed=3), batch_size=GLOBAL_BATCH // 2 // dp_size, seed=1)
+    dm = ImageTextDataModule(module.processor, shape_records(16, seed=3), batch_size=GLOBAL_BATCH // 2 // dp_size, seed=1)
     recorder = Recorder.make()
     kwargs = {}
     if parallel is not None:

@@ -27,7 +27,7 @@ from hfbridge.shapes_task import corpus as shapes_corpus
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "idefics3", "gemma3")
-DEMO_VLM_NAME = "tiny-random-vlm"
+DEMO_IMAGE_TEXT_MODEL = "tiny-random-vlm"
 DEMO_FAMILY = "llava"
 _VERSION = "v1"
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -136,7 +136,7 @@ def _gemma3():
 _BUILDERS = {"llava": _llava, "idefics3": _idefics3, "gemma3": _gemma3}
 
 
-def build_tiny_vlm(path: str | os.PathLike, family: str = DEMO_FAMILY, seed: int = 0) -> Path:
+def build_tiny_image_text(path: str | os.PathLike, family: str = DEMO_FAMILY, seed: int = 0) -> Path:
     """Save a tiny random image-text-to-text model of ``family`` and its processor to ``path`` (a folder that
     ``AutoModelForImageTextToText`` and ``AutoProcessor`` load)."""
     from transformers import AutoModelForImageTextToText
@@ -157,7 +157,7 @@ def build_tiny_vlm(path: str | os.PathLike, family: str = DEMO_FAMILY, seed: int
     return path
 
 
-def demo_vlm_path(family: str = DEMO_FAMILY) -> Path:
+def demo_image_text_path(family: str = DEMO_FAMILY) -> Path:
     """The demo model's folder in the hfbridge cache, built once (about a second)."""
     target = cache_dir() / "tiny-vlm" / f"{family}-{_VERSION}"
     if (target / "config.json").exists():
@@ -165,18 +165,18 @@ def demo_vlm_path(family: str = DEMO_FAMILY) -> Path:
     log.info("building the tiny random %s VLM in %s (once)", family, target)
     try:
         with atomic_dir(target) as tmp:
-            build_tiny_vlm(tmp, family)
+            build_tiny_image_text(tmp, family)
     except (OutputExistsError, OSError):  # another process built it first
         if not (target / "config.json").exists():
             raise
     return target
 
 
-def resolve_vlm_name(model_name: str | os.PathLike) -> str | os.PathLike:
+def resolve_image_text_name(model_name: str | os.PathLike) -> str | os.PathLike:
     """``tiny-random-vlm`` (optionally ``tiny-random-vlm-<family>``) -> its cached folder; other names unchanged."""
     name = str(model_name)
-    if name == DEMO_VLM_NAME:
-        return str(demo_vlm_path())
-    if name.startswith(DEMO_VLM_NAME + "-") and name[len(DEMO_VLM_NAME) + 1 :] in FAMILIES:
-        return str(demo_vlm_path(name[len(DEMO_VLM_NAME) + 1 :]))
+    if name == DEMO_IMAGE_TEXT_MODEL:
+        return str(demo_image_text_path())
+    if name.startswith(DEMO_IMAGE_TEXT_MODEL + "-") and name[len(DEMO_IMAGE_TEXT_MODEL) + 1 :] in FAMILIES:
+        return str(demo_image_text_path(name[len(DEMO_IMAGE_TEXT_MODEL) + 1 :]))
     return model_name

@@ -8,18 +8,18 @@ import logging
 import numpy as np
 import pytest
 import torch
+from image_text_helpers import ASSISTANT_TURN, IMAGE_TOKENS, chat, square
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-from vlm_helpers import ASSISTANT_TURN, IMAGE_TOKENS, chat, square
 
-from hfbridge.data.demo_vision import shape_records, write_shapes_data
+from hfbridge.data.demo_image_text import shape_records, write_shapes_data
 from hfbridge.data.formats import DataFormatError
-from hfbridge.data.vision import (
+from hfbridge.data.image_text import (
     ImageError,
-    VisionDataModule,
+    ImageTextDataModule,
     encode_samples,
     load_image,
-    load_vision_records,
+    load_image_text_records,
     parse_record,
     render_sample,
     skipped_token_ids,
@@ -37,8 +37,8 @@ def _image_token_id(model_dir):
     return getattr(config, "image_token_id", None) or config.image_token_index
 
 
-def test_only_assistant_turns_are_trained_with_their_end_of_turn(vlm_dir, family):
-    processor = AutoProcessor.from_pretrained(vlm_dir)
+def test_only_assistant_turns_are_trained_with_their_end_of_turn(image_text_dir, family):
+    processor = AutoProcessor.from_pretrained(image_text_dir)
     record = chat(("user", "<img>What colour is the shape?"), ("assistant", "red"),
                   ("user", "What shape is this?"), ("assistant", "square"), images=[square()])
     _, batch = _encode(processor, [record])
@@ -53,28 +53,28 @@ def test_only_assistant_turns_are_trained_with_their_end_of_turn(vlm_dir, family
     first = int(trained.nonzero()[0])
     assert tokenizer.decode(ids[first + 1 :]).startswith(ASSISTANT_TURN[family].format("red"))
     # the image tokens are in the input (as many as the model expects) and never a target
-    image_id = _image_token_id(vlm_dir)
+    image_id = _image_token_id(image_text_dir)
     assert int((ids == image_id).sum()) == IMAGE_TOKENS[family]
     assert not torch.isin(labels, skipped_token_ids(processor)).any()
 
 
-def test_skipped_ids_come_from_the_processor_and_keep_the_end_of_turn(vlm_dir, family):
-    processor = AutoProcessor.from_pretrained(vlm_dir)
+def test_skipped_ids_come_from_the_processor_and_keep_the_end_of_turn(image_text_dir, family):
+    processor = AutoProcessor.from_pretrained(image_text_dir)
     skipped = set(skipped_token_ids(processor).tolist())
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids(ASSISTANT_TURN[family].format("").strip())
     assert end_of_turn not in skipped and tokenizer.eos_token_id not in skipped
-    assert _image_token_id(vlm_dir) in skipped and tokenizer.pad_token_id in skipped
+    assert _image_token_id(image_text_dir) in skipped and tokenizer.pad_token_id in skipped
     extra = {"llava": ["<image>"], "idefics3": ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>"],
              "gemma3": ["<start_of_image>", "<end_of_image>", "<start_of_turn>"]}[family]
     assert set(tokenizer.convert_tokens_to_ids(extra)) <= skipped
 
 
-def test_a_batch_of_mixed_image_counts_equals_its_samples_one_by_one(vlm_dir):
+def test_a_batch_of_mixed_image_counts_equals_its_samples_one_by_one(image_text_dir):
     """Two images, none, and one image in one batch: each row has the input ids and labels of its sample alone,
     and the model gives it the same logits (padding and pixel batching change nothing)."""
-    processor = AutoProcessor.from_pretrained(vlm_dir)
-    model = AutoModelForImageTextToText.from_pretrained(vlm_dir).eval()
+    processor = AutoProcessor.from_pretrained(image_text_dir)
+    model = AutoModelForImageTextToText.from_pretrained(image_text_dir).eval()
     records = [
         chat(("user", "<img><img>What colours are the two shapes, in order?"), ("assistant", "red and blue"),
              images=[square(), square((31, 119, 180))]),
@@ -118,7 +118,7 @@ def test_records_from_a_file_resolve_images_beside_it_and_top_level_images_fill_
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
     (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
-    [parsed] = load_vision_records(tmp_path / "d.jsonl")
+    [parsed] = load_image_text_records(tmp_path / "d.jsonl")
     assert parsed.images == ["x.png"] and parsed.base_dir == tmp_path and parsed.where.endswith("d.jsonl:1")
     assert parsed.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Colour?"}]
 
@@ -136,12 +136,12 @@ def _image_record(source, question="Colour?"):
                          {"role": "assistant", "content": "red"}]}
 
 
-def test_a_missing_image_file_is_named_with_its_record(tmp_path, vlm_dirs):
+def test_a_missing_image_file_is_named_with_its_record(tmp_path, image_text_dirs):
     square().save(tmp_path / "ok.png")
     path = _write(tmp_path, _image_record("ok.png"), _image_record("images/missing.png"))
-    processor = AutoProcessor.from_pretrained(vlm_dirs["llava"])
+    processor = AutoProcessor.from_pretrained(image_text_dirs["llava"])
     with pytest.raises(ImageError, match=r"data\.jsonl:2: image file not found: .*images/missing\.png"):
-        VisionDataModule(processor, path)
+        ImageTextDataModule(processor, path)
 
 
 def test_an_image_count_that_does_not_match_the_placeholders(tmp_path):
@@ -156,11 +156,11 @@ def test_an_image_count_that_does_not_match_the_placeholders(tmp_path):
         parse_record(record, "record 3")
 
 
-def test_a_template_that_drops_the_image_is_reported_with_the_record(vlm_dirs):
-    processor = AutoProcessor.from_pretrained(vlm_dirs["llava"])
+def test_a_template_that_drops_the_image_is_reported_with_the_record(image_text_dirs):
+    processor = AutoProcessor.from_pretrained(image_text_dirs["llava"])
     processor.chat_template = processor.chat_template.replace("<image>\n", "")  # renders no placeholder
     with pytest.raises(DataFormatError, match="record 0: the processor rejected this sample"):
-        VisionDataModule(processor, [_image_record(square())]).setup()
+        ImageTextDataModule(processor, [_image_record(square())]).setup()
 
 
 @pytest.mark.parametrize(("mode", "suffix", "kind"), [("F", ".tiff", "32-bit floating point"),
@@ -169,14 +169,14 @@ def test_an_unsupported_image_mode_is_refused(tmp_path, mode, suffix, kind):
     Image.new(mode, (8, 8)).save(tmp_path / f"deep{suffix}")
     path = _write(tmp_path, _image_record(f"deep{suffix}"))
     with pytest.raises(ImageError, match=rf"data\.jsonl:1: image deep{suffix} has mode '{mode}' \({kind}\)"):
-        load_vision_records(path)
+        load_image_text_records(path)
 
 
-def test_a_processor_without_a_chat_template_is_refused(vlm_dirs):
-    processor = AutoProcessor.from_pretrained(vlm_dirs["idefics3"])
+def test_a_processor_without_a_chat_template_is_refused(image_text_dirs):
+    processor = AutoProcessor.from_pretrained(image_text_dirs["idefics3"])
     processor.chat_template = None
     with pytest.raises(DataFormatError, match="the processor has no chat template"):
-        VisionDataModule(processor, [_image_record(square())])
+        ImageTextDataModule(processor, [_image_record(square())])
 
 
 def test_web_urls_and_non_images_get_clear_errors(tmp_path):
@@ -191,17 +191,17 @@ def test_web_urls_and_non_images_get_clear_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- data module
-def test_datamodule_serves_batches_with_the_step_token_count(vlm_dirs, tmp_path, caplog):
-    processor = AutoProcessor.from_pretrained(vlm_dirs["gemma3"])
+def test_datamodule_serves_batches_with_the_step_token_count(image_text_dirs, tmp_path, caplog):
+    processor = AutoProcessor.from_pretrained(image_text_dirs["gemma3"])
     train, _ = write_shapes_data(tmp_path, n_train=12, n_test=2)
-    dm = VisionDataModule(processor, train, batch_size=4)
+    dm = ImageTextDataModule(processor, train, batch_size=4)
     batches = list(dm.train_dataloader())
     assert len(batches) == 3 and {"pixel_values", "token_type_ids", "labels"} <= set(batches[0])
     assert all(int(b["num_label_tokens"]) == int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     # samples longer than max_length are dropped (an image's tokens cannot be cut), and logged
     longest = max(s.length for s in dm.train_samples)
     with caplog.at_level(logging.WARNING):
-        short = VisionDataModule(processor, train, batch_size=4, max_length=longest - 1)
+        short = ImageTextDataModule(processor, train, batch_size=4, max_length=longest - 1)
         short.setup()
     assert len(short.train_samples) < 12 and "longer than max_length" in caplog.text
 
