@@ -204,6 +204,14 @@ def tokenize_records(
     return [tokenize_record(tokenizer, r, fmt, max_length) for r in records]
 
 
+def last_assistant_turn(messages: Sequence[dict]) -> int:
+    """The index of the last assistant turn: what a chat record's prompt ends before, and its reference."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise DataFormatError("a chat record without an assistant turn has no reference answer to evaluate")
+    return turns[-1]
+
+
 def prompt_and_reference(record: dict, fmt: str):
     """Split a record into what the model is asked (a prompt string or the messages before the last assistant
     turn) and the reference answer (the completion, or the last assistant turn's content)."""
@@ -211,6 +219,6 @@ def prompt_and_reference(record: dict, fmt: str):
         return record["prompt"], record["completion"]
     if fmt == "messages":
         messages = record["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = last_assistant_turn(messages)
         return messages[:last], messages[last]["content"]
     raise DataFormatError("'text' records have no prompt and reference to evaluate generation on")

@@ -40,6 +40,7 @@ from hfbridge.data.formats import (
     assistant_spans,
     chat_template_or_error,
     check_record,
+    last_assistant_turn,
     render_chat,
     shift_for_causal_lm,
     tokens_in_spans,
@@ -215,7 +216,7 @@ def load_image_text_records(data: DataArg | Sequence[ImageTextRecord], split: st
 
 def prompt_and_reference(record: ImageTextRecord) -> tuple[ImageTextRecord, str]:
     """The record cut before its last assistant turn (with the images that part shows), and that turn's text."""
-    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+    last = last_assistant_turn(record.messages)
     shown = sum(p["type"] == "image" for m in record.messages[:last] for p in m["content"])
     reference = "".join(p.get("text", "") for p in record.messages[last]["content"])
     return ImageTextRecord(record.where, record.messages[:last], record.images[:shown], record.base_dir), reference

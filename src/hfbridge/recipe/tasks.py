@@ -51,6 +51,26 @@ class Task:
         """Checks of the options that need no data and no weights."""
 
     def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
+        """Every record read and checked: the training data (the task's demo data, written into ``work/data``,
+        when none is given), the validation data, and up to ``eval.samples`` test records as prompts and
+        references."""
+        train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
+        if train_path is None:
+            train_path, demo_test = self.write_demo_data(work / "data", cfg)
+            test_path = test_path or demo_test
+        train, fmt = self.load_records(train_path, cfg.data.format)
+        val = self.load_records(val_path, fmt)[0] if val_path else None
+        test = self.load_records(test_path, fmt)[0][: cfg.eval.samples] if test_path else None
+        pairs = self.prompts_and_references(test, fmt) if test else None
+        return TaskData(train, val, pairs, fmt, {"train": str(train_path), "test": str(test_path)})
+
+    def write_demo_data(self, folder: Path, cfg: RunConfig) -> tuple[Path, Path]:
+        raise NotImplementedError
+
+    def load_records(self, path, fmt: str) -> tuple[list, str]:
+        raise NotImplementedError
+
+    def prompts_and_references(self, records: list, fmt: str) -> list | None:
         raise NotImplementedError
 
     def threads(self, cfg: RunConfig) -> int | None:
@@ -197,26 +217,24 @@ class TextTask(Task):
 
     name = "text-generation"
 
-    def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
-        from hfbridge.data.datamodule import load_records
+    def write_demo_data(self, folder: Path, cfg: RunConfig) -> tuple[Path, Path]:
         from hfbridge.data.demo import write_demo_data
+
+        say(f"no --data given: using the bundled date-normalisation task ({cfg.data.demo_train_size} train records)")
+        return write_demo_data(folder, n_train=cfg.data.demo_train_size, seed=cfg.train.seed)
+
+    def load_records(self, path, fmt: str) -> tuple[list, str]:
+        from hfbridge.data.datamodule import load_records
+
+        return load_records(path, fmt)
+
+    def prompts_and_references(self, records: list, fmt: str) -> list | None:
         from hfbridge.data.formats import prompt_and_reference
 
-        train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
-        if train_path is None:
-            train_path, demo_test = write_demo_data(work / "data", n_train=cfg.data.demo_train_size,
-                                                    seed=cfg.train.seed)
-            test_path = test_path or demo_test
-            say(f"no --data given: using the bundled date-normalisation task ({cfg.data.demo_train_size} train "
-                "records)")
-        train, fmt = load_records(train_path, cfg.data.format)
-        val = load_records(val_path, fmt)[0] if val_path else None
-        test = load_records(test_path, fmt)[0][: cfg.eval.samples] if test_path else None
-        if test is not None and fmt == "text":
+        if fmt == "text":
             say("the 'text' format has no prompt/answer pairs: skipping the exact-match evaluation")
-            test = None
-        pairs = [prompt_and_reference(r, fmt) for r in test] if test else None
-        return TaskData(train, val, pairs, fmt, {"train": str(train_path), "test": str(test_path)})
+            return None
+        return [prompt_and_reference(r, fmt) for r in records]
 
     def module(self, cfg: RunConfig, model_path: Path, job):
         from hfbridge.models.causal_lm import HFAutoModelForCausalLM
@@ -267,22 +285,22 @@ class ImageTextTask(Task):
             raise ValueError("speed.packing: packing image-text samples is not supported yet (an image's tokens "
                              "must stay in their sample's row); use --packing auto or off")
 
-    def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
+    def write_demo_data(self, folder: Path, cfg: RunConfig) -> tuple[Path, Path]:
         from hfbridge.data.demo_image_text import write_shapes_data
-        from hfbridge.data.image_text import load_image_text_records, prompt_and_reference
 
-        train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
-        if train_path is None:
-            train_path, demo_test = write_shapes_data(work / "data", n_train=cfg.data.demo_train_size,
-                                                      seed=cfg.train.seed)
-            test_path = test_path or demo_test
-            say(f"no --data given: using the bundled coloured-shapes task ({cfg.data.demo_train_size} train "
-                "records, questions about one or two generated images)")
-        train = load_image_text_records(train_path)
-        val = load_image_text_records(val_path) if val_path else None
-        test = load_image_text_records(test_path)[: cfg.eval.samples] if test_path else None
-        pairs = [prompt_and_reference(r) for r in test] if test else None
-        return TaskData(train, val, pairs, "messages", {"train": str(train_path), "test": str(test_path)})
+        say(f"no --data given: using the bundled coloured-shapes task ({cfg.data.demo_train_size} train records, "
+            "questions about one or two generated images)")
+        return write_shapes_data(folder, n_train=cfg.data.demo_train_size, seed=cfg.train.seed)
+
+    def load_records(self, path, fmt: str) -> tuple[list, str]:
+        from hfbridge.data.image_text import load_image_text_records
+
+        return load_image_text_records(path), "messages"
+
+    def prompts_and_references(self, records: list, fmt: str) -> list | None:
+        from hfbridge.data.image_text import prompt_and_reference
+
+        return [prompt_and_reference(r) for r in records]
 
     def check_model(self, cfg: RunConfig, name: str | None = None) -> tuple[Path, int | None]:
         from hfbridge.models.image_text import HFAutoModelForImageTextToText
