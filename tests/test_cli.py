@@ -82,8 +82,13 @@ def test_non_empty_output_is_refused_unless_overwrite(tiny_model_dir, demo_files
     (out / "precious.txt").write_text("keep")
     assert _finetune(tiny_model_dir, train, test, out) == 2
     assert "exists and is not empty" in capsys.readouterr().err and (out / "precious.txt").exists()
-    assert _finetune(tiny_model_dir, train, test, out, "--overwrite") == 0
-    assert (out / "model").exists() and not (out / "precious.txt").exists()
+    # --overwrite replaces only what hfbridge wrote: a folder of someone else's files is refused, untouched
+    assert _finetune(tiny_model_dir, train, test, out, "--overwrite") == 2
+    assert "was not written by hfbridge" in capsys.readouterr().err and (out / "precious.txt").exists()
+    (out / "precious.txt").unlink()
+    assert _finetune(tiny_model_dir, train, test, out) == 0  # an empty folder is fine
+    assert _finetune(tiny_model_dir, train, test, out, "--overwrite") == 0  # a run of hfbridge's is replaced
+    assert (out / "model").exists()
 
 
 def test_interrupted_run_leaves_no_output_folder(tiny_model_dir, demo_files, tmp_path, monkeypatch):

@@ -274,7 +274,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("eval.batch_size", "--eval-batch-size", "prompts generated together"),
     Flag("eval.show_samples", "--show-samples", "held-out answers printed after training"),
     Flag("output.dir", "--output", "the run folder (refused if not empty)"),
-    Flag("output.overwrite", "--overwrite", "replace a non-empty run folder"),
+    Flag("output.overwrite", "--overwrite", "replace a run folder that hfbridge wrote (never another folder)"),
 )
 
 
