@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=message)  # known noise from the libraries underneath
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError, KeyError) as e:  # ConfigError too
+    except (OSError, ValueError, ImportError, KeyError) as e:  # config and checkpoint errors are ValueErrors
         if args.verbose:
             raise
         print(f"hfbridge {args.command}: error: {e}", file=sys.stderr)

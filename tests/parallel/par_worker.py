@@ -79,14 +79,14 @@ def train(out: Path, model_dir: str, dims_text: str, steps: str, ckpt_dir: str, 
                 stall("stalled")
 
     if "stall-save" in options:
-        original = ckpt._fsync_tree
+        original = ckpt.fsync_tree
 
         def fsync_then_stall(folder):
             original(folder)
             if folder.name == ckpt.step_dir_name(int(options["stall-save"])) + ckpt.TMP_SUFFIX:
                 stall("stalled")
 
-        ckpt._fsync_tree = fsync_then_stall
+        ckpt.fsync_tree = fsync_then_stall
     callbacks = [ShardedCheckpoint(ckpt_dir, every_n_steps=int(every), keep_last=int(options.get("keep", 3))), Stall()]
     if "wrong-model" in options:  # resuming another model's checkpoint must fail clearly, on every rank
         try:

@@ -3,7 +3,9 @@
 A checkpoint folder holds one sub-folder per saved step::
 
     ckpts/
-      step-00000010/        complete: DCP shards, trainer_state.pt, hfbridge.json, rng/, COMPLETE
+      run.json              the run these checkpoints belong to: config, data and batch layout (hashes)
+      step-00000010/        complete: DCP shards, trainer_state.pt, hfbridge.json, rng/*.json, SHA256SUMS,
+                            COMPLETE
       step-00000020/
       step-00000030.tmp/    a save cut short (kill -9): ignored, removed by the next save
       latest                "step-00000020": written after the folder is complete
@@ -17,6 +19,12 @@ complete checkpoints are kept.
 Checkpoints are layout-free (DCP stores global tensor coordinates): a run sharded one way can resume another way,
 and :func:`hfbridge.parallel.export.export_hf` consolidates any of them, in one process, into a folder plain
 transformers loads.
+
+What is trusted: nothing in a checkpoint is unpickled as arbitrary Python. Random states are JSON; the trainer
+state loads with ``torch.load(weights_only=True)`` (tensors and plain containers only: a pickled object is refused);
+every file's SHA-256 is checked against ``SHA256SUMS`` before anything is read. DCP's own ``.metadata`` file is a
+pickle written by ``torch.distributed.checkpoint``: it is covered by the checksum (a changed file is refused), but,
+as with any DCP checkpoint, only resume from checkpoint folders you or your own runs wrote.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -33,19 +42,23 @@ from typing import Any
 
 import torch
 
+from hfbridge.io import fsync_tree
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 META = "hfbridge.json"
 TRAINER_STATE = "trainer_state.pt"
+CHECKSUMS = "SHA256SUMS"
+RUN = "run.json"
 TMP_SUFFIX = ".tmp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was expected."""
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was expected, or one that is not this run's or not intact."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -152,22 +165,100 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: Pat
 
 # ------------------------------------------------------------------------------------------------ rng
 def _rng_state() -> dict[str, Any]:
+    """This process's random states as JSON-able values (no pickle)."""
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """``SHA256SUMS``: the SHA-256 of every file in a step folder."""
+    sums = {str(f.relative_to(folder)): _sha256(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name not in (CHECKSUMS, COMPLETE)}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+
+
+def verify_checksums(folder: Path) -> None:
+    """Every file of a step folder against ``SHA256SUMS``: a changed, missing or added file is an error."""
+    listed = folder / CHECKSUMS
+    if not listed.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {CHECKSUMS}: written by an older hfbridge or not by "
+                              "hfbridge; it is not read")
+    sums = json.loads(listed.read_text())
+    present = {str(f.relative_to(folder)) for f in folder.rglob("*")
+               if f.is_file() and f.name not in (CHECKSUMS, COMPLETE)}
+    for name in sorted(present | set(sums)):
+        if name not in sums:
+            raise CheckpointError(f"checkpoint {folder}: {name} is not in {CHECKSUMS} (the folder was changed)")
+        if name not in present:
+            raise CheckpointError(f"checkpoint {folder}: {name} is missing")
+        if _sha256(folder / name) != sums[name]:
+            raise CheckpointError(f"checkpoint {folder}: {name} does not match its SHA-256 in {CHECKSUMS} "
+                                  "(truncated or corrupted); resume from an earlier step or start again")
+
+
+# ------------------------------------------------------------------------------------------------ run identity
+def check_run_identity(root: str | Path, identity: dict[str, Any], resume: bool) -> None:
+    """Refuse a checkpoint folder that holds another run's steps: without ``resume``, any complete checkpoint
+    is another run's; with it, the saved identity must match (same config, data and global batch layout)."""
+    root = Path(root)
+    saved_file = root / RUN
+    if not complete_checkpoints(root):
+        return
+    if not resume:
+        raise CheckpointError(
+            f"checkpoint folder {root} holds checkpoints of an earlier run; pass --resume to continue it, or "
+            "choose another --checkpoint-dir (hfbridge never deletes another run's checkpoints)"
+        )
+    if not saved_file.is_file():
+        raise CheckpointError(f"checkpoint folder {root} has no {RUN}: it was not written by this version of "
+                              "hfbridge, so what run it belongs to cannot be checked")
+    saved = json.loads(saved_file.read_text())
+    changed = [key for key in sorted(set(saved) | set(identity)) if saved.get(key) != identity.get(key)]
+    if changed:
+        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {identity.get(k)!r}" for k in changed)
+        raise CheckpointError(
+            f"--resume: the checkpoints in {root} belong to another run ({detail}). Resuming with another config, "
+            "data or batch layout would train on the wrong samples; restore them, or start a new --checkpoint-dir"
+        )
+
+
+def write_run_identity(root: str | Path, identity: dict[str, Any]) -> None:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{RUN}.tmp"
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / RUN)
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -209,15 +300,16 @@ def save_sharded(
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     dcp.save(shards, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{rank}.pt")
+    (tmp / "rng" / f"rank-{rank}.json").write_text(json.dumps(_rng_state()))
     _barrier()
     if rank == 0:
         torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / META).write_text(json.dumps({**meta, "format": FORMAT_VERSION, "world_size": _world()}, indent=2,
                                            default=str))
-        _fsync_tree(tmp)
+        write_checksums(tmp)
+        fsync_tree(tmp)
         (tmp / COMPLETE).write_text("ok\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if path.exists():  # the same step saved again (a resumed run): replace it
             shutil.rmtree(path)
         os.rename(tmp, path)
@@ -227,34 +319,51 @@ def save_sharded(
     return path
 
 
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
 
 
+def _verified_everywhere(path: Path) -> None:
+    """Rank 0 checks the checksums; every rank gets its verdict (so all fail together, none hangs)."""
+    error = None
+    if _rank() == 0:
+        try:
+            verify_checksums(path)
+        except CheckpointError as e:
+            error = str(e)
+    if torch.distributed.is_initialized() and _world() > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(error)
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state, loaded without unpickling arbitrary objects (``weights_only=True``)."""
+    try:
+        return torch.load(path / TRAINER_STATE, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path}: {TRAINER_STATE} holds Python objects beyond tensors and plain containers, which "
+            f"hfbridge refuses to unpickle ({str(e).splitlines()[0]})"
+        ) from e
+
+
 def load_sharded(path: Path, shards: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fill ``shards`` (same keys as saved) in place from ``path``; returns ``(trainer_state, meta)`` and restores
-    this rank's random number generators when the world size is the one saved."""
+    """Fill ``shards`` (same keys as saved) in place from ``path``, after checking every file's checksum; returns
+    ``(trainer_state, meta)`` and restores this rank's random number generators when the world size is the one
+    saved."""
     import torch.distributed.checkpoint as dcp
 
+    _verified_everywhere(path)
     meta = read_meta(path)
+    trainer_state = load_trainer_state(path)
     dcp.load(shards, checkpoint_id=str(path))
-    rng_file = path / "rng" / f"rank-{_rank()}.pt"
+    rng_file = path / "rng" / f"rank-{_rank()}.json"
     if meta.get("world_size") == _world() and rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(json.loads(rng_file.read_text()))
     else:
         log.warning("resuming on %d processes from a checkpoint of %s: random states are not restored",
                     _world(), meta.get("world_size"))
-    trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
     return trainer_state, meta

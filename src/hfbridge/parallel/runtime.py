@@ -140,6 +140,27 @@ def trainer_kwargs(job: Job | None) -> dict[str, Any]:
     return kwargs
 
 
+def check_checkpoints(job: Job | None, identity: dict[str, Any]) -> None:
+    """Refuse a checkpoint folder of another run (see :func:`checkpoint.check_run_identity`), then record this
+    run's identity in it. Every rank checks (all fail together); rank 0 writes."""
+    if job is None or job.checkpoint_dir is None:
+        return
+    ckpt.check_run_identity(job.checkpoint_dir, identity, job.resume)
+    job.barrier()
+    if job.is_main:
+        ckpt.write_run_identity(job.checkpoint_dir, identity)
+    job.barrier()
+
+
+def data_parallel_size(job: Job | None) -> int:
+    """How many ranks see different data (the global batch is this times the micro-batch)."""
+    if job is None:
+        return 1
+    from hfbridge.parallel.mesh import mesh_layout
+
+    return mesh_layout(job.mesh).data_parallel_size
+
+
 def resume_path(job: Job | None) -> str | None:
     """The checkpoint folder to resume from, when ``--resume`` and it holds a complete checkpoint."""
     if job is None or not job.resume or job.checkpoint_dir is None:

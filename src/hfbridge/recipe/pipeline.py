@@ -9,6 +9,8 @@ processes rank 0 writes it and the model is gathered once, after training, for s
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 import warnings
 from collections.abc import Iterator
@@ -82,6 +84,20 @@ def _score(task: Task, model, module, data, cfg: RunConfig, label: str):
     return score.value
 
 
+def run_identity(cfg: RunConfig, data, data_parallel: int) -> dict:
+    """What a checkpoint folder must agree with to be resumed: the settings that change what is trained (not the
+    output, logging, length of the run or mesh layout: checkpoints are layout-free), the training records' content,
+    and the global batch layout."""
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+    settings = {k: v for k, v in cfg.to_dict().items() if k in ("model", "method", "peft", "quantization", "optim")}
+    settings["data"] = {k: cfg.data.__dict__[k] for k in ("format", "max_length")}
+    settings["seed"] = cfg.train.seed
+    return {"config": digest(settings), "training_data": digest(data.train),
+            "global_batch": cfg.train.batch_size * data_parallel, "accumulate": cfg.train.accumulate}
+
+
 def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
     """Run ``cfg`` (see the module docstring); returns what was scored and saved."""
     import lightning.pytorch as pl
@@ -99,6 +115,7 @@ def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
         # Every record, then the model's files and context, still without weights.
         data = task.read_data(cfg, work)
         model_path, context = task.check_model(cfg)
+        runtime.check_checkpoints(job, run_identity(cfg, data, runtime.data_parallel_size(job)))
         task.write_config(cfg, work)
 
         # 2. Load.
