@@ -64,8 +64,20 @@ def detect_format(record: dict) -> str:
     )
 
 
-def check_record(record: dict, fmt: str, where: str) -> None:
-    """Raise a :class:`DataFormatError` naming ``where`` if ``record`` does not fit ``fmt``."""
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _check_content(content, parts_allowed: bool, where: str) -> None:
+    """A message's content: a string, or (for image-text records, whose parser checks each part) a list of parts."""
+    if isinstance(content, str) or (parts_allowed and isinstance(content, list)):
+        return
+    wanted = "a string or a list of parts" if parts_allowed else "a string"
+    raise DataFormatError(f"{where}: must be {wanted}, got {type(content).__name__}")
+
+
+def check_record(record: dict, fmt: str, where: str, content_parts: bool = False) -> None:
+    """Raise a :class:`DataFormatError` naming ``where`` if ``record`` does not fit ``fmt``. Chat contents are
+    strings, or with ``content_parts`` (image-text records) lists of typed parts."""
     if fmt not in FORMATS:
         raise DataFormatError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not isinstance(record, dict):
@@ -82,6 +94,10 @@ def check_record(record: dict, fmt: str, where: str) -> None:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise DataFormatError(f"{where}: messages[{i}] must have 'role' and 'content'")
+            if message["role"] not in ROLES:
+                raise DataFormatError(f"{where}: messages[{i}].role is {message['role']!r}; allowed: "
+                                      f"{', '.join(ROLES)}")
+            _check_content(message["content"], content_parts, f"{where}: messages[{i}].content")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataFormatError(f"{where}: no assistant turn in 'messages', so nothing would be trained")
     else:

@@ -27,6 +27,7 @@ import base64
 import binascii
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,9 +81,16 @@ def open_image(source: Any, where: str = "", base_dir: str | Path | None = None)
         image = source
     else:
         try:
-            image = Image.open(_file_or_buffer(source, prefix, base_dir))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(_file_or_buffer(source, prefix, base_dir))
         except UnidentifiedImageError as e:
             raise ImageError(f"{prefix}image {_describe(source)} is not an image file PIL can read") from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(
+                f"{prefix}image {_describe(source)} is larger than PIL's safety limit of {Image.MAX_IMAGE_PIXELS} "
+                f"pixels (a decompression bomb, or a huge image: resize it) ({e})"
+            ) from e
     if image.mode not in SUPPORTED_MODES:
         default = "16-bit integer" if image.mode.startswith("I;16") else "not 8-bit colour or grayscale"
         kind = _MODE_NAMES.get(image.mode, default)
@@ -155,10 +163,11 @@ def _image_source(part: dict) -> Any:
 def parse_record(record: dict, where: str, base_dir: str | Path | None = None, check_images: bool = True) -> ImageTextRecord:
     """Check one chat record with images and normalise it (see the module docstring for the format).
 
-    With ``check_images`` every image is opened (its header only) so that a missing file, an unreadable file or
-    an unsupported mode is reported here, with ``where``, before any model is loaded.
+    With ``check_images`` every image is opened and decoded so that a missing, unreadable, truncated or
+    oversized (decompression bomb) file or an unsupported mode is reported here, with ``where``, before any model
+    is loaded.
     """
-    check_record(record, "messages", where)
+    check_record(record, "messages", where, content_parts=True)
     top_images = record.get("images") or []
     if not isinstance(top_images, list):
         raise DataFormatError(f"{where}: 'images' must be a list, got {type(top_images).__name__}")
@@ -197,8 +206,13 @@ def parse_record(record: dict, where: str, base_dir: str | Path | None = None, c
     if check_images:
         for source in sources:
             image = open_image(source, where, base)
-            if image is not source:
-                image.close()
+            try:
+                image.load()  # decode it all: a truncated or corrupt file fails here, not in training
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ImageError(f"{where}: image {_describe(source)} is truncated or corrupt ({e})") from e
+            finally:
+                if image is not source:
+                    image.close()
     return ImageTextRecord(where, messages, sources, base)
 
 

@@ -7,8 +7,10 @@ raise :class:`DataSourceError` before any model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -16,6 +18,22 @@ SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "par
 
 class DataSourceError(ValueError):
     """A data file that cannot be read; the message names the file and, where it applies, the line."""
+
+
+# A CSV cell may hold a long document; the csv module's default limit (128 KiB) would stop at it.
+CSV_FIELD_LIMIT = 1 << 30
+
+
+@contextlib.contextmanager
+def _text_errors(path: Path, line: Callable[[], int]) -> Iterator[None]:
+    """Name the file and line of a text file that is not UTF-8."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataSourceError(
+            f"{path}:{line()}: not UTF-8 text ({e.reason} at byte {e.start} of the line's chunk); re-save the file "
+            "as UTF-8"
+        ) from e
 
 
 def source_kind(path: str | Path) -> str:
@@ -34,7 +52,8 @@ def source_kind(path: str | Path) -> str:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    lineno = 0
+    with path.open(encoding="utf-8-sig") as f, _text_errors(path, lambda: lineno + 1):
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -49,15 +68,24 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, dict]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            return []
-        rows = []
-        for record in reader:
-            if None in record:
-                raise DataSourceError(f"{path}:{reader.line_num}: more values than the header has columns")
-            rows.append((f"{path}:{reader.line_num}", dict(record)))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            with _text_errors(path, lambda: reader.line_num + 1):
+                if not reader.fieldnames:
+                    return []
+                rows = []
+                for record in reader:
+                    if None in record:
+                        raise DataSourceError(f"{path}:{reader.line_num}: more values than the header has columns")
+                    rows.append((f"{path}:{reader.line_num}", dict(record)))
+    except csv.Error as e:
+        raise DataSourceError(f"{path}:{reader.line_num}: not readable as CSV ({e})") from e
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 
