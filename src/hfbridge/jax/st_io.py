@@ -46,13 +46,53 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     return found
 
 
-def read_header(path: str | Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (``{name: {dtype, shape, data_offsets}}``) and where data starts."""
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file whose header does not describe its bytes."""
+
+
+def _raw_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: {size} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise SafetensorsError(f"{path}: header length {n} is beyond the file ({size} bytes) or the "
+                                   f"{MAX_HEADER_BYTES}-byte limit; the file is corrupt or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SafetensorsError(f"{path}: the header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the header is not a JSON object")
     return header, 8 + n
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (``{name: {dtype, shape, data_offsets}}``) and where data starts;
+    every tensor's dtype, shape and byte range are checked against each other and the file's size."""
+    path = Path(path)
+    header, start = _raw_header(path)
+    header.pop("__metadata__", None)
+    data_size = path.stat().st_size - start
+    for name, info in header.items():
+        try:
+            begin, end = (int(v) for v in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            itemsize = np.dtype(_DTYPES[info["dtype"]]).itemsize if info["dtype"] in _DTYPES else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry ({e})") from e
+        if not 0 <= begin <= end <= data_size or any(d < 0 for d in shape):
+            raise SafetensorsError(f"{path}: tensor {name!r} claims bytes {begin}..{end} of a {data_size}-byte data "
+                                   "section; the file is truncated or corrupt")
+        if itemsize is not None and int(np.prod(shape, dtype=np.int64)) * itemsize != end - begin:
+            raise SafetensorsError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} does not "
+                                   f"fill its {end - begin} bytes")
+    return header, start
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -97,6 +137,4 @@ def save_tensors(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: 
 
 
 def read_metadata(path: str | Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return dict(json.loads(f.read(n)).get("__metadata__") or {})
+    return dict(_raw_header(Path(path))[0].get("__metadata__") or {})
