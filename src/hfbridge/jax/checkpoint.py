@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from hfbridge.io import atomic_dir
 from hfbridge.jax import tree as tree_lib
 from hfbridge.jax.quant import QuantizedArray
 from hfbridge.jax.st_io import iter_tensors, save_tensors
@@ -25,10 +26,16 @@ def is_jax_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / META_NAME).exists() and (Path(folder) / WEIGHTS_NAME).exists()
 
 
-def save_checkpoint(folder: str | Path, module: Any, params: dict) -> Path:
-    """Write ``module``'s config and ``params`` (sharded arrays are gathered one at a time) to ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(folder: str | Path, module: Any, params: dict, overwrite: bool = False) -> Path:
+    """Write ``module``'s config and ``params`` (sharded arrays are gathered one at a time) to ``folder``, which
+    appears only when complete (weights before the metadata that marks it a checkpoint); a non-empty ``folder`` is
+    refused unless ``overwrite`` (and then only one hfbridge wrote)."""
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        _write_checkpoint(tmp, module, params)
+    return Path(folder)
+
+
+def _write_checkpoint(folder: Path, module: Any, params: dict) -> None:
     flat = tree_lib.flatten(params)
     tensors: dict[str, Any] = {}
     quantized: dict[str, int] = {}
@@ -47,10 +54,9 @@ def save_checkpoint(folder: str | Path, module: Any, params: dict) -> Path:
         "dtype": str(np.dtype(module.dtype)),
         "quantized": quantized,
     }
+    save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
     (folder / "config.json").write_text(json.dumps(module.config.hf_config, indent=2, sort_keys=True, default=str))
     (folder / META_NAME).write_text(json.dumps(meta, indent=2))
-    save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
-    return folder
 
 
 def read_meta(folder: str | Path) -> dict:

@@ -260,12 +260,13 @@ class LlamaForCausalLM:
 
         return greedy_generate(self, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
-    def save_pretrained(self, path: str | Path, params: dict) -> Path:
-        """Write hfbridge's JAX checkpoint (config plus safetensors of the parameter tree); ``from_torch=False``
-        loads it back."""
+    def save_pretrained(self, path: str | Path, params: dict, overwrite: bool = False) -> Path:
+        """Write hfbridge's JAX checkpoint (config plus safetensors of the parameter tree) into a folder that appears
+        only when complete; ``from_torch=False`` loads it back. A non-empty ``path`` is refused unless
+        ``overwrite``."""
         from hfbridge.jax.checkpoint import save_checkpoint
 
-        return save_checkpoint(path, self, params)
+        return save_checkpoint(path, self, params, overwrite=overwrite)
 
     def replace(self, **changes: Any) -> LlamaForCausalLM:
         """A copy with some settings changed (e.g. ``mesh=...`` after sharding parameters yourself)."""
