@@ -214,6 +214,10 @@ class CausalLMDataModule(pl.LightningDataModule):
         """Start the training data of ``epoch`` after its first ``batches`` micro-batches (set when resuming from a
         checkpoint, see :mod:`hfbridge.parallel.checkpoint`)."""
         self._resume_position = (int(epoch), int(batches))
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is not None:  # Lightning built the loader before restoring the checkpoint: tell its sampler
+            sampler.resume = (int(epoch), int(batches) * self.batch_size)
+            self._resume_position = None
 
     def _accumulate(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -253,6 +257,7 @@ class CausalLMDataModule(pl.LightningDataModule):
         self.setup("fit")
         rank, size = self._dp_rank_and_size()
         sampler = EpochShuffleSampler(len(self.train_samples), self.seed, True, size, rank)
+        self._train_sampler = sampler
         position = getattr(self, "_resume_position", None)
         if position is not None:
             sampler.resume = (position[0], position[1] * self.batch_size)
