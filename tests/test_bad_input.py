@@ -100,3 +100,23 @@ def test_an_os_error_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["hfbridge finetune: error: [Errno 28] No space left on device"]
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_a_missing_tokenizer_does_not_cost_the_trained_weights(tiny_model_dir, tmp_path, caplog):
+    import shutil
+
+    from hfbridge import HFAutoModelForCausalLM
+    from hfbridge.io import OutputExistsError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    module = HFAutoModelForCausalLM(model_name=str(bare))
+    module.configure_model()
+    out = module.save_pretrained(tmp_path / "saved")
+    assert (out / "model.safetensors").exists() and not (out / "tokenizer.json").exists()
+    assert "saving the weights without a tokenizer" in caplog.text
+    with pytest.raises(OutputExistsError):  # the library's saves refuse a non-empty folder unless told
+        module.save_pretrained(tmp_path / "saved")
+    module.save_pretrained(tmp_path / "saved", overwrite=True)

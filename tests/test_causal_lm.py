@@ -21,9 +21,17 @@ class GradCapture(pl.Callback):
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
+class PerMicroBatchMean(HFAutoModelForCausalLM):
+    """The seed's (NeMo's) loss: each micro-batch's own mean, whatever the rest of the optimizer step holds."""
+
+    def training_step(self, batch, batch_idx=None):
+        return self._loss(batch)[0]
+
+
 def _grads_after_one_step(model_dir, records, batch_size, accumulate, token_normalised=True):
     torch.manual_seed(0)
-    module = HFAutoModelForCausalLM(model_name=str(model_dir), optim=OptimizerConfig(lr=1e-3, warmup_steps=0))
+    module_class = HFAutoModelForCausalLM if token_normalised else PerMicroBatchMean
+    module = module_class(model_name=str(model_dir), optim=OptimizerConfig(lr=1e-3, warmup_steps=0))
     dm = CausalLMDataModule(module.tokenizer, records, batch_size=batch_size, seed=1)
     if not token_normalised:  # the per-micro-batch mean that other wrappers use
         dm.train_dataloader = lambda: torch.utils.data.DataLoader(
@@ -155,7 +163,7 @@ def test_lora_trains_only_adapter_parameters(tiny_model_dir):
 def test_save_refuses_non_empty_folder_unless_overwrite(tiny_model_dir, tmp_path):
     module = HFAutoModelForCausalLM(model_name=str(tiny_model_dir))
     module.configure_model()
-    (tmp_path / "out").mkdir()
+    module.save_pretrained(tmp_path / "out")  # a folder hfbridge wrote (only those may be replaced, see io.py)
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="not empty"):
         module.save_pretrained(tmp_path / "out", overwrite=False)

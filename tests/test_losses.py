@@ -53,3 +53,17 @@ def test_chunked_linear_cross_entropy_equals_full_logits(reduction):
     assert torch.allclose(full, chunked, atol=1e-5)
     for a, b in zip(g_full, g_chunked):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_masked_cross_entropy_takes_the_seeds_flattened_tensors_too():
+    """NeMo hands ``logits.view(-1, V)``, ``labels.view(-1)``, ``mask.view(-1)``: the same value as the 3-D call, and
+    the same as NeMo's own ``F.cross_entropy(..., reduction="none")[mask == 1].mean()``."""
+    logits = torch.randn(2, 6, 13)
+    targets = torch.randint(0, 13, (2, 6))
+    targets[1, :3] = IGNORE_INDEX
+    mask = (targets != IGNORE_INDEX).long()
+    mask[0, 0] = 0
+    flat = masked_cross_entropy(logits.view(-1, 13), targets.view(-1), mask.view(-1))
+    assert torch.allclose(flat, masked_cross_entropy(logits, targets, mask), atol=1e-6)
+    nemo = F.cross_entropy(logits.view(-1, 13), targets.view(-1), reduction="none")[mask.view(-1) == 1].mean()
+    assert torch.allclose(flat, nemo, atol=1e-6)

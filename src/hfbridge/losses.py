@@ -8,7 +8,8 @@ therefore never shift.
 
 Positions that are not trained carry the label ``IGNORE_INDEX`` (-100) and/or a 0 in ``loss_mask``. A batch may also
 carry ``NUM_LABEL_TOKENS_KEY``: the label tokens of its whole optimizer step (over gradient accumulation), which
-the data modules stamp and the model modules normalise the loss by. Both constants live here, the lowest layer,
+the data modules stamp and the model modules normalise the loss by (without it, they count the step's tokens
+themselves and normalise after its last backward). Both constants live here, the lowest layer,
 because data and models share them.
 """
 

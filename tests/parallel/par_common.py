@@ -23,8 +23,9 @@ def records(n: int = 24) -> list[dict]:
 
 
 class Recorder:
-    """Lightning callback (built lazily so this module imports without Lightning): global step losses, and the
-    full gradients of the first optimizer step (gathered from shards)."""
+    """Lightning callback (built lazily so this module imports without Lightning): global step losses (from the
+    returned micro-batch losses, and as the module logs them: ``train_loss``), and the full gradients of the first
+    optimizer step (gathered from shards)."""
 
     @staticmethod
     def make(log_path=None):
@@ -33,6 +34,7 @@ class Recorder:
         class _Recorder(pl.Callback):
             def __init__(self):
                 self.losses: list[float] = []
+                self.logged: list[float] = []
                 self.steps: list[int] = []
                 self.grads: dict[str, torch.Tensor] = {}
                 self._sum = 0.0
@@ -47,6 +49,7 @@ class Recorder:
                         torch.distributed.all_reduce(total, group=group)
                     self.losses.append(float(total) / (dp * trainer.accumulate_grad_batches))
                     self.steps.append(trainer.global_step)
+                    self.logged.append(float(trainer.callback_metrics.get("train_loss", float("nan"))))
                     self._sum, self._step = 0.0, trainer.global_step
                     if log_path is not None and trainer.global_rank == 0:
                         with open(log_path, "a") as f:
@@ -69,8 +72,10 @@ class Recorder:
 
 def fit(model_dir, *, lora: bool = False, activation_checkpointing: bool = False, parallel=None, devices: int = 1,
         steps: int = STEPS, callbacks=(), ckpt_path=None, dp_size: int = 1, data=None, keep_last=None,
-        log_path=None, lightning_2d: bool = False):
-    """Fit a few steps; the global batch is GLOBAL_BATCH whatever the number of data-parallel ranks."""
+        log_path=None, lightning_2d: bool = False, plain_loader: bool = False):
+    """Fit a few steps; the global batch is GLOBAL_BATCH whatever the number of data-parallel ranks. With
+    ``plain_loader`` the batches come from a plain ``DataLoader`` (no ``num_label_tokens``), which Lightning shards
+    over the data-parallel ranks."""
     import lightning.pytorch as pl
 
     from hfbridge import CausalLMDataModule, HFAutoModelForCausalLM, OptimizerConfig
@@ -104,6 +109,12 @@ def fit(model_dir, *, lora: bool = False, activation_checkpointing: bool = False
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[recorder, *callbacks], num_sanity_val_steps=0, **kwargs,
     )
+    if plain_loader:  # on several processes Lightning shards it with a DistributedSampler (shuffled, seed 0)
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        dm.setup("fit")
+        sampler = None if devices > 1 else DistributedSampler(dm.train_samples, num_replicas=1, rank=0)  # same order
+        dm = DataLoader(dm.train_samples, batch_size=dm.batch_size, collate_fn=dm.collator, sampler=sampler)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return recorder, module, trainer
 

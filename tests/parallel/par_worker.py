@@ -1,6 +1,7 @@
 """Run by the parallel tests under ``torchrun``: fit with a device mesh and save what to compare.
 
     par_worker.py parity OUT "MODEL_DIR|DIMS|FLAGS" ...
+    par_worker.py logged OUT "MODEL_DIR|DIMS|FLAGS" ...
     par_worker.py train OUT MODEL_DIR DIMS STEPS CKPT_DIR EVERY [resume] [stall-step=S] [stall-save=S]
 """
 
@@ -50,6 +51,26 @@ def parity(out: Path, *jobs: str) -> None:
         torch.distributed.barrier()
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(results))
+
+
+def logged(out: Path, *jobs: str) -> None:
+    """Each job is ``MODEL_DIR|DIMS|FLAGS`` (flag ``plain``: a plain DataLoader instead of the data module). Saves the
+    logged ``train_loss`` of every step and the first step's full gradients (``logged-TAG.pt``)."""
+    import os
+
+    from hfbridge.parallel import ParallelConfig
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    for job in jobs:
+        model_dir, dims_text, flags = (job.split("|") + [""])[:3]
+        config = ParallelConfig(sharding_axis_dims=tuple(int(d) for d in dims_text.split(",")))
+        sizes = config.axis_sizes(world)
+        recorder, _, _ = fit(model_dir, parallel=config, devices=world, dp_size=sizes["dp"] * sizes["fsdp"],
+                             plain_loader="plain" in flags)
+        if rank == 0:
+            tag = job.replace("/", "_").replace("|", "+")
+            torch.save({"logged": recorder.logged, "grads": recorder.grads}, out / f"logged-{tag}.pt")
+        torch.distributed.barrier()
 
 
 def train(out: Path, model_dir: str, dims_text: str, steps: str, ckpt_dir: str, every: str, *flags: str) -> None:
@@ -102,4 +123,4 @@ def train(out: Path, model_dir: str, dims_text: str, steps: str, ckpt_dir: str, 
 
 if __name__ == "__main__":
     scenario, out, *rest = sys.argv[1:]
-    {"parity": parity, "train": train}[scenario](Path(out), *rest)
+    {"parity": parity, "logged": logged, "train": train}[scenario](Path(out), *rest)

@@ -3,7 +3,7 @@
 Padding is never trained: padded label positions are ``-100``. :class:`StepTokenCounter` stamps every
 micro-batch with the number of label tokens in its whole optimizer step (all micro-batches of one gradient
 accumulation group), which :class:`hfbridge.HFAutoModelForCausalLM` uses to normalise the loss per token rather
-than per micro-batch.
+than per micro-batch at once (batches without it are normalised after the step's last backward instead).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hfbridge.data.formats import TokenizedSample
-from hfbridge.losses import IGNORE_INDEX, NUM_LABEL_TOKENS_KEY
+from hfbridge.losses import IGNORE_INDEX, NUM_LABEL_TOKENS_KEY, count_label_tokens
 
 
 @dataclass
@@ -42,10 +42,8 @@ class PaddedCollator:
 
 
 def label_token_count(batch: dict) -> int:
-    count = batch["labels"] != IGNORE_INDEX
-    if batch.get("loss_mask") is not None:
-        count = count & batch["loss_mask"].bool()
-    return int(count.sum())
+    """The batch's label tokens (label != -100 and loss_mask != 0), as the loss counts them."""
+    return count_label_tokens(batch["labels"], batch.get("loss_mask"))
 
 
 class StepTokenCounter:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +25,43 @@ from hfbridge.optim import OptimizerConfig, build_optimizer
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("labels", "loss_mask", NUM_LABEL_TOKENS_KEY)
+SEED_INPUT_IDS_KEY = "tokens"  # NeMo's data sets (GPTSFTDataset) name the input ids ``tokens``
+TAKES_MODULE_ATTR = "takes_module"  # a transform with ``takes_module = True`` is called with the Lightning module
+MIXED_STEP = ("an optimizer step mixes batches with and without num_label_tokens; a data loader gives it to every "
+              "batch or to none")
+
+
+def module_transform(fn: Callable) -> Callable:
+    """Mark ``fn`` as a transform in the seed's (NeMo's) form: ``fn(module)`` gets the Lightning module and changes
+    ``module.model`` (wrapping it, replacing it, or in place); what it returns is ignored. Without the mark (or an
+    annotation, see :meth:`HFAutoModelForCausalLM.transform_takes_module`) a transform gets the model itself."""
+
+    @functools.wraps(fn)
+    def transform(module):
+        return fn(module)
+
+    setattr(transform, TAKES_MODULE_ATTR, True)
+    return transform
+
+
+def with_input_ids(batch: dict) -> dict:
+    """``batch`` with NeMo's ``tokens`` key read as ``input_ids`` (``input_ids`` wins when both are there)."""
+    if SEED_INPUT_IDS_KEY in batch and "input_ids" not in batch:
+        return {("input_ids" if k == SEED_INPUT_IDS_KEY else k): v for k, v in batch.items()}
+    return batch
+
+
+@dataclass
+class _OpenStep:
+    """An optimizer step being accumulated from batches that do not carry ``num_label_tokens``.
+
+    ``estimate`` is a provisional label-token total of the step (all data-parallel ranks, the same on every rank)
+    that the micro-batch losses are normalised by; when the step's last backward is done, the gradients are
+    multiplied by ``estimate / actual total``."""
+
+    estimate: float
+    tokens: int = 0  # this rank's label tokens so far
+    loss_sum: float = 0.0  # this rank's summed token losses so far
 
 
 class HFAutoModelForCausalLM(pl.LightningModule):
@@ -35,10 +75,18 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         load_pretrained_weights: load the weights, or build the architecture from its config with random ones.
         tokenizer: a tokenizer; ``None`` loads the model's own.
         loss_fn: ``loss_fn(logits, labels, loss_mask)`` returning the mean over trained tokens; labels are already
-            next-token targets (see :mod:`hfbridge.losses`). Default :func:`masked_cross_entropy`.
-        model_transform: a callable applied to the loaded model (for example :class:`hfbridge.LoRA`); it returns
-            the new model, or ``None`` if it changed the model in place.
-        model_accelerator: a callable applied last (kernels, ``torch.compile``), same contract.
+            next-token targets (see :mod:`hfbridge.losses`). Default :func:`masked_cross_entropy`. It gets
+            ``[batch, seq, vocab]`` logits and ``[batch, seq]`` labels and mask; with ``loss_fn_flat=True``, the
+            seed's flattened form: ``logits.float().view(-1, vocab)``, ``labels.view(-1)``, ``loss_mask.view(-1)``
+            (or ``None``), so a loss written for NeMo runs unchanged.
+        model_transform: a callable applied to the loaded model. Two forms, told apart without calling it
+            (:meth:`transform_takes_module`): hfbridge's (for example :class:`hfbridge.LoRA`) gets the Hugging Face
+            model and returns the new model, or ``None`` if it changed the model in place; the seed's (NeMo's) gets
+            this Lightning module and changes ``module.model``; it is used when the callable has
+            ``takes_module = True`` (:func:`module_transform` sets it) or its first parameter is annotated with a
+            ``LightningModule`` class (this one's, or a base of it; a string annotation is read by its name).
+        model_accelerator: a callable applied last, after the transform and the parallel plan (kernels,
+            ``torch.compile``), in either form, told apart the same way.
         trust_remote_code: run code shipped with the model; off unless asked for.
         default_dtype: ``"auto"`` (default) is float32 on CPU and bfloat16 on GPUs that support it. The seed's
             default bfloat16 was measured 40x slower than float32 on CPU, hence the change.
@@ -46,6 +94,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         attn_implementation: ``"sdpa"`` by default; a model without it falls back with a warning.
 
     hfbridge's own:
+        loss_fn_flat: hand ``loss_fn`` flattened tensors, as the seed does (see ``loss_fn``).
         optim: an :class:`hfbridge.OptimizerConfig` (AdamW, warmup then cosine by default).
         chunked_loss: compute the loss without the full ``tokens x vocabulary`` logits: the backbone's hidden
             states of the trained positions only are projected, 512 at a time (or this many, given an int), with
@@ -65,10 +114,11 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             :class:`hfbridge.models.hooks.ParallelPlan`. The parallel layer applies itself through it, with or
             without a mesh (activation checkpointing and compile are applied there too); see docs/distributed.md.
 
-    Batches hold ``input_ids``, optional ``attention_mask`` and ``position_ids``, ``labels`` (next-token targets,
-    -100 where not trained), an optional ``loss_mask``, and the optional ``num_label_tokens`` of the optimizer step
-    that :class:`hfbridge.CausalLMDataModule` stamps: with it the loss is normalised by the label tokens of the
-    whole step (over gradient accumulation and data-parallel ranks), not per micro-batch.
+    Batches hold ``input_ids`` (or NeMo's name for them, ``tokens``), optional ``attention_mask`` and
+    ``position_ids``, ``labels`` (next-token targets, -100 where not trained), an optional ``loss_mask``, and the
+    optional ``num_label_tokens`` of the optimizer step that :class:`hfbridge.CausalLMDataModule` stamps. The loss
+    is normalised by the label tokens of the whole optimizer step (over gradient accumulation and data-parallel
+    ranks), not per micro-batch, with any data loader (see :meth:`training_step`).
     """
 
     def __init__(
@@ -84,6 +134,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         default_dtype: str | torch.dtype = "auto",
         load_in_4bit: bool = False,
         attn_implementation: str = "sdpa",
+        loss_fn_flat: bool = False,
         optim: OptimizerConfig | None = None,
         chunked_loss: bool | int = True,
         activation_checkpointing: bool | str | int = False,
@@ -101,6 +152,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self._tokenizer = tokenizer
         self.model = None
         self.loss_fn = loss_fn
+        self.loss_fn_flat = loss_fn_flat
         self.load_pretrained_weights = load_pretrained_weights
         self.is_hf_model = True
         self.model_transform = model_transform
@@ -118,6 +170,7 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self._head_split: tuple[nn.Module, HeadSplit | None] | None = None
         self._step_loss_sum = 0.0
         self._step_tokens_seen = 0
+        self._open_step: _OpenStep | None = None
         self._device_mesh = device_mesh
         self.parallel = parallel
         self._dp_mesh = None
@@ -156,15 +209,51 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             self.is_hf_model = _is_hf_model(model)
         else:
             model = self._load_model()
-        model = _apply(self.model_transform, model)
-        self._after_transform(model)
-        if self.liger and liger_usable():
-            apply_liger_kernels(model)
-        model = self._parallelize(model)
-        model = _apply(self.model_accelerator, model)
+        try:
+            model = self._apply_transform(self.model_transform, model)
+            self._after_transform(model)
+            if self.liger and liger_usable():
+                apply_liger_kernels(model)
+            model = self._parallelize(model)
+            model = self._apply_transform(self.model_accelerator, model)
+        except BaseException:
+            self.model = None  # a seed-form transform sets it; a failed configure_model leaves nothing behind
+            raise
         model.train()  # from_pretrained returns eval mode; this module trains (dropout on where configured)
         self.model = model
         self._forward_keys = None
+
+    def transform_takes_module(self, fn: Callable) -> bool:
+        """Whether ``fn`` (a ``model_transform`` or ``model_accelerator``) is in the seed's form, called with this
+        Lightning module, rather than hfbridge's, called with the model. Decided without calling it: its
+        ``takes_module`` attribute when it has one (:func:`module_transform`), else whether its first parameter is
+        annotated with a ``LightningModule`` class (a string annotation by its last dotted name: ``LightningModule``
+        or the name of this module's class or of a ``LightningModule`` base of it). Anything else gets the model."""
+        flag = getattr(fn, TAKES_MODULE_ATTR, None)
+        if flag is not None:
+            return bool(flag)
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):  # a builtin without a signature
+            return False
+        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            return False
+        annotation = params[0].annotation
+        if isinstance(annotation, str):
+            names = {c.__name__ for c in type(self).__mro__ if issubclass(c, pl.LightningModule)}
+            return annotation.rsplit(".", 1)[-1].strip("'\"") in names
+        return isinstance(annotation, type) and issubclass(annotation, pl.LightningModule)
+
+    def _apply_transform(self, fn: Callable | None, model: nn.Module) -> nn.Module:
+        """``fn`` applied in its form (:meth:`transform_takes_module`); the model it leaves."""
+        if fn is None:
+            return model
+        if self.transform_takes_module(fn):
+            self.model = model
+            fn(self)
+            return self.model
+        result = fn(model)
+        return model if result is None else result
 
     def _load_model(self, auto_class=None, model_name: str | os.PathLike | None = None) -> nn.Module:
         """Load ``model_name`` (default ``self.model_name``), or build it with random weights, with the settings
@@ -226,8 +315,9 @@ class HFAutoModelForCausalLM(pl.LightningModule):
 
     def forward(self, batch: dict):
         """Run the model on a batch. Loss keys (``labels``, ``loss_mask``) are not passed to the model: the loss
-        is computed by ``loss_fn`` on already-shifted labels, never by the model's own (shifting) loss."""
-        inputs = self._remove_extra_batch_keys({k: v for k, v in batch.items() if k not in LOSS_KEYS}, ())
+        is computed by ``loss_fn`` on already-shifted labels, never by the model's own (shifting) loss. NeMo's
+        ``tokens`` key is taken as ``input_ids``."""
+        inputs = self._remove_extra_batch_keys({k: v for k, v in with_input_ids(batch).items() if k not in LOSS_KEYS}, ())
         keys = self._model_forward_keys()
         if keys is not None and "use_cache" in keys:
             inputs.setdefault("use_cache", False)  # no KV cache is needed to train
@@ -246,20 +336,26 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             return 1, None  # one process under a process group started by someone else
         return torch.distributed.get_world_size(), None
 
-    def _token_normalised_loss(self, mean_loss: torch.Tensor, n_micro: int, n_step_local) -> torch.Tensor:
+    def _dp_sum(self, *values: float) -> list[float]:
+        """``values`` summed over the data-parallel ranks (one all-reduce, in float64: counts stay exact)."""
+        dp_size, group = self._dp_size_and_group()
+        if dp_size == 1:
+            return [float(v) for v in values]
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(totals, group=group)
+        return totals.tolist()
+
+    def _token_normalised_loss(self, mean_loss: torch.Tensor, n_micro: int, n_step: float) -> torch.Tensor:
         """Scale a micro-batch's mean loss so that the summed gradients equal the gradient of
-        ``sum(all token losses of the step, all data-parallel ranks) / (label tokens of the step)``.
+        ``sum(all token losses of the step, all data-parallel ranks) / n_step`` (``n_step``: the step's label
+        tokens over all data-parallel ranks).
 
         Lightning divides by ``accumulate_grad_batches`` and data-parallel reduction averages over ranks, so both
         are multiplied back.
         """
-        dp_size, group = self._dp_size_and_group()
-        n_step = torch.as_tensor(n_step_local, dtype=torch.float64, device=mean_loss.device).clone()
-        if dp_size > 1:
-            torch.distributed.all_reduce(n_step, group=group)
+        dp_size, _ = self._dp_size_and_group()
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        scale = n_micro / n_step.clamp(min=1).item() * dp_size * accumulate
-        return mean_loss * scale
+        return mean_loss * (n_micro / max(n_step, 1.0) * dp_size * accumulate)
 
     def _split(self) -> HeadSplit | None:
         """The model as backbone + linear head for the loss without full logits, or ``None`` (found once per model)."""
@@ -273,28 +369,110 @@ class HFAutoModelForCausalLM(pl.LightningModule):
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """The mean loss over the batch's trained tokens, and their number (for training and validation)."""
+        batch = with_input_ids(batch)
         labels, loss_mask = batch["labels"], batch.get("loss_mask")
         split = self._split()
         if split is None:
-            mean_loss = self.loss_fn(self.forward(batch).logits, labels, loss_mask)
+            mean_loss = self._call_loss_fn(self.forward(batch).logits, labels, loss_mask)
         else:
             hidden = split.hidden_states({k: v for k, v in batch.items() if k not in LOSS_KEYS})
             chunk = 512 if self.chunked_loss is True else int(self.chunked_loss)
             mean_loss = linear_loss(hidden, split.head, labels, loss_mask, chunk, self.liger)
         return mean_loss, count_label_tokens(labels, loss_mask)
 
+    def _call_loss_fn(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None):
+        """``loss_fn`` on the full logits: as they are, or flattened as the seed hands them (``loss_fn_flat``)."""
+        if not self.loss_fn_flat:
+            return self.loss_fn(logits, labels, loss_mask)
+        flat_mask = None if loss_mask is None else loss_mask.reshape(-1)
+        return self.loss_fn(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), flat_mask)
+
     def training_step(self, batch: dict, batch_idx: int | None = None) -> torch.Tensor:
-        """Loss of one micro-batch, normalised per label token of the whole optimizer step when the batch says
-        how many there are (``num_label_tokens``), else per token of this micro-batch. Logs ``train_loss``
-        (the per-token loss of the optimizer step) and ``lr``."""
+        """Loss of one micro-batch, normalised per label token of the whole optimizer step (all its micro-batches,
+        all data-parallel ranks), so that gradient accumulation gives the gradients of one large batch.
+
+        * A batch that says how many label tokens its step has (``num_label_tokens``, stamped by
+          :class:`hfbridge.CausalLMDataModule`) is scaled by that total at once.
+        * Any other batch (a plain ``DataLoader``): the step's total is not known before its last micro-batch, so
+          normalisation is deferred. Each micro-batch of a step is scaled by the same provisional total (its first
+          micro-batch's label tokens, summed over data-parallel ranks, times ``accumulate_grad_batches``), and
+          once the step's last backward is done (in :meth:`optimizer_step`, before Lightning's
+          ``on_before_optimizer_step`` hooks and gradient clipping) the gradients are multiplied by
+          ``provisional / actual`` total: gradients are linear in the loss, so they are those of one large batch.
+          The loss this method returns for such a batch is the provisionally scaled one; the logged ``train_loss``
+          is exact.
+        * Without a trainer (or with manual optimization) a batch is its own step: the mean over its tokens.
+
+        Logs ``train_loss`` (the per-token loss of the optimizer step, over all data-parallel ranks) and ``lr``.
+        """
         mean_loss, n_micro = self._loss(batch)
         n_step = batch.get(NUM_LABEL_TOKENS_KEY)
-        if n_step is None:
-            self._log_train_loss(mean_loss.detach(), n_micro, n_micro)
+        if n_step is not None:
+            if self._open_step is not None:
+                raise ValueError(MIXED_STEP)
+            n_step = int(n_step)
+            self._log_train_loss(mean_loss.detach(), n_micro, n_step)
+            (n_step_global,) = self._dp_sum(n_step)
+            return self._token_normalised_loss(mean_loss, n_micro, n_step_global)
+        if self._trainer is None or not self.automatic_optimization:
             return mean_loss
-        n_step = int(n_step)
-        self._log_train_loss(mean_loss.detach(), n_micro, n_step)
-        return self._token_normalised_loss(mean_loss, n_micro, n_step)
+        return self._deferred_loss(mean_loss, n_micro, batch_idx)
+
+    def _deferred_loss(self, mean_loss: torch.Tensor, n_micro: int, batch_idx: int | None) -> torch.Tensor:
+        """A micro-batch's loss scaled by its step's provisional label-token total (see :meth:`training_step`)."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1 and self.trainer.strategy.handles_gradient_accumulation:
+            raise ValueError(
+                f"{type(self.trainer.strategy).__name__} accumulates gradients itself, so the label tokens of a whole "
+                "optimizer step cannot be counted here: give every batch num_label_tokens (the step's total, as "
+                "hfbridge.CausalLMDataModule does) or use accumulate_grad_batches=1"
+            )
+        if self._open_step is None:
+            if self._step_tokens_seen:
+                raise ValueError(MIXED_STEP)
+            (first,) = self._dp_sum(n_micro)
+            self._open_step = _OpenStep(estimate=max(first, 1.0) * accumulate)
+        elif batch_idx is not None and batch_idx % accumulate == 0:  # Lightning starts a new step here
+            raise RuntimeError(
+                "the gradients of the previous optimizer step were never normalised: an override of optimizer_step "
+                "must call super().optimizer_step(...) (HFAutoModelForCausalLM normalises there)"
+            )
+        step = self._open_step
+        step.tokens += n_micro
+        step.loss_sum += float(mean_loss.detach()) * n_micro
+        self._log_lr()
+        return self._token_normalised_loss(mean_loss, n_micro, step.estimate)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's optimizer step; a step accumulated from batches without ``num_label_tokens`` has its
+        gradients normalised right after its last backward (:meth:`training_step`)."""
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def closure():
+            result = optimizer_closure()
+            self._close_step()
+            return result
+
+        return super().optimizer_step(epoch, batch_idx, optimizer, closure)
+
+    def _close_step(self) -> None:
+        """Rescale the gradients of the deferred step from its provisional to its actual label-token total."""
+        step, self._open_step = self._open_step, None
+        if step is None:
+            return
+        loss_sum, tokens = self._dp_sum(step.loss_sum, step.tokens)
+        factor = step.estimate / max(tokens, 1.0)
+        if factor != 1.0:
+            with torch.no_grad():
+                for p in self.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+        self._log_step_loss(loss_sum, tokens)
+
+    def on_train_start(self) -> None:
+        self._open_step = None
+        self._step_loss_sum, self._step_tokens_seen = 0.0, 0
 
     def _log_train_loss(self, mean_loss: torch.Tensor, n_micro: int, n_step: int) -> None:
         if self._trainer is None:
@@ -302,22 +480,21 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self._step_loss_sum += float(mean_loss) * n_micro
         self._step_tokens_seen += n_micro
         if self._step_tokens_seen >= n_step:
-            step_loss = self._global_mean(self._step_loss_sum, self._step_tokens_seen)
-            self.log("train_loss", step_loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n_step)
+            self._log_step_loss(*self._dp_sum(self._step_loss_sum, self._step_tokens_seen))
             self._step_loss_sum, self._step_tokens_seen = 0.0, 0
+        self._log_lr()
+
+    def _log_step_loss(self, loss_sum: float, tokens: float) -> None:
+        """Log ``train_loss``, the per-token loss of the whole optimizer step: ``loss_sum`` and ``tokens`` are summed
+        over the data-parallel ranks (every rank reaches the end of a step together), so it is the step's, not rank
+        0's share."""
+        self.log("train_loss", loss_sum / max(tokens, 1.0), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=max(int(tokens), 1))
+
+    def _log_lr(self) -> None:
         optimizers = self.trainer.optimizers
         if optimizers:
             self.log("lr", optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=False)
-
-    def _global_mean(self, loss_sum: float, tokens: int) -> float:
-        """The per-token loss of the whole optimizer step: summed over the data-parallel ranks (every rank reaches
-        the end of a step together), so the logged ``train_loss`` is the step's, not rank 0's share."""
-        dp_size, group = self._dp_size_and_group()
-        if dp_size > 1:
-            totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(totals, group=group)
-            loss_sum, tokens = float(totals[0]), int(totals[1])
-        return loss_sum / max(tokens, 1)
 
     def validation_step(self, batch: dict, batch_idx: int = 0) -> torch.Tensor:
         """Per-token validation loss; ``val_loss`` is the token-weighted mean over the whole validation set."""
@@ -340,12 +517,14 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self._plan().clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
 
     # ----------------------------------------------------------------------------------------------- saving
-    def save_pretrained(self, path: str | os.PathLike, merged: bool = False, overwrite: bool = True) -> Path:
+    def save_pretrained(self, path: str | os.PathLike, merged: bool = False, overwrite: bool = False) -> Path:
         """Save the model and tokenizer as a folder plain transformers loads (``from_pretrained``).
 
         With an adapter, the adapter alone is saved (peft's ``PeftModel.from_pretrained`` loads it onto the base
         model), or with ``merged=True`` the model with the adapter merged into its weights. The folder appears only
-        when complete.
+        when complete; a non-empty ``path`` is refused unless ``overwrite`` (and even then only a folder hfbridge
+        wrote is replaced). A tokenizer that cannot be loaded does not cost the trained weights: they are saved
+        without it, with a warning.
         """
         if self.model is None:
             raise RuntimeError("no model to save: call configure_model() or fit first")
@@ -358,17 +537,15 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         return save_hf_folder(model, path, self._preprocessor(), merged=merged, overwrite=overwrite)
 
     def _preprocessor(self):
-        """What turns inputs into model inputs (here the tokenizer), saved beside the model; ``None``: nothing."""
-        if self._tokenizer is not None or not isinstance(self.model_name, nn.Module):
+        """What turns inputs into model inputs (here the tokenizer), saved beside the model; ``None``: nothing (or
+        it cannot be loaded: the weights are saved all the same)."""
+        if self._tokenizer is None and isinstance(self.model_name, nn.Module):
+            return None
+        try:
             return self.tokenizer
-        return None
-
-
-def _apply(fn: Callable | None, model: nn.Module) -> nn.Module:
-    if fn is None:
-        return model
-    result = fn(model)
-    return model if result is None else result
+        except (OSError, ValueError) as e:
+            log.warning("saving the weights without a tokenizer: it cannot be loaded (%s)", e)
+            return None
 
 
 def _is_hf_model(model: nn.Module) -> bool:
