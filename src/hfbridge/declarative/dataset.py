@@ -128,6 +128,9 @@ def load_splits(path: str | Path, cfg: LLMConfig, seed: int) -> Splits:
     return split_rows(read_dataset(path, cfg), cfg, seed)
 
 
+OUTPUT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+
+
 def write_rows(rows: list[dict], path: str | Path) -> Path:
     """Write rows as CSV, JSONL or Parquet, by the file's suffix."""
     import json

@@ -41,9 +41,9 @@ class SampleEncoder:
             eos = self.tokenizer.eos_token_id
             self.stop_ids = [eos] if eos is not None else []
 
-    def prompt_ids(self, record: dict) -> list[int]:
-        """The prompt as generation sees it."""
-        return prompt_ids(self.tokenizer, self.renderer.prompt(record))
+    def prompt_ids(self, record: dict, examples: list[dict] | None = None) -> list[int]:
+        """The prompt as generation sees it (with ``examples``, default the renderer's static ones)."""
+        return prompt_ids(self.tokenizer, self.renderer.prompt(record, examples))
 
     def split(self, record: dict, target: str | None = None) -> tuple[list[int], list[int]]:
         """``(prompt_ids, target_ids)`` of a record; ``prompt + target + stop_ids`` is the core's sample."""

@@ -36,6 +36,8 @@ from hfbridge.declarative.devices import (
 from hfbridge.declarative.encoding import SampleEncoder
 from hfbridge.declarative.features import OutputFeature, build_output_feature
 from hfbridge.declarative.prompt import PromptRenderer
+from hfbridge.declarative.regularization import regularization_loss, regularizes
+from hfbridge.declarative.retrieval import nearest, same_record_mask
 from hfbridge.declarative.schema import FeatureConfig, LLMConfig, dump_config, load_config, parse_config
 from hfbridge.generation import cache_argument, generate_ids, left_pad, returned_cache
 from hfbridge.io import atomic_dir
@@ -94,19 +96,6 @@ def realign_target_and_prediction_tensors(
     return targets, predictions
 
 
-def regularization_loss(model, regularization_type: str, regularization_lambda: float) -> torch.Tensor:
-    """``lambda * sum |w|`` (l1), ``lambda * sum w^2`` (l2) or both (l1_l2) over the trainable parameters."""
-    if regularization_type not in ("l1", "l2", "l1_l2"):
-        raise ValueError(f"regularization_type must be l1, l2 or l1_l2, got {regularization_type!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = 0.0
-    if "l1" in regularization_type:
-        total = total + sum(p.abs().sum() for p in params)
-    if "l2" in regularization_type:
-        total = total + sum(p.pow(2).sum() for p in params)
-    return regularization_lambda * total
-
-
 def _as_long(value) -> torch.Tensor:
     return value.long() if isinstance(value, torch.Tensor) else torch.as_tensor(value).long()
 
@@ -146,6 +135,9 @@ class LLM:
             GPUs spreads the model over them by their free memory (:meth:`to_device`).
         weights_path (keyword): a folder written by :meth:`save`; the weights are loaded from it instead of
             the base model's (:func:`load_llm` passes it).
+        load_model (keyword): ``False`` builds everything but the model (tokenizer, prompts, metrics); the model is
+            set later (``llm.model = ...``). ``hfbridge train`` on a device mesh uses it: the core's module loads
+            and shards the weights, each rank only its own.
 
     Differences from the seed, on purpose: the model loads in ``model_parameters.dtype`` (``auto``: float32 on
     CPU, bfloat16 on GPUs) rather than float32 everywhere; generation is batched; category outputs are scored by
@@ -155,6 +147,7 @@ class LLM:
     def __init__(self, config_obj: LLMConfig | dict | str | Path, random_seed: int = 42,
                  device: str | torch.device | None = None, **kwargs):
         weights_path = kwargs.pop("weights_path", None)
+        load_model = kwargs.pop("load_model", True)
         if kwargs:
             log.debug("LLM ignores %s", sorted(kwargs))
         if isinstance(config_obj, (str, Path)):
@@ -179,23 +172,37 @@ class LLM:
             raise ValueError(f"generation.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in the "
                              f"model's context of {self.context_len} tokens")
         self.generation = {k: v for k, v in self.config_obj.generation.items() if k != "max_new_tokens"}
+        self._vocab = int(model_config.vocab_size)
         self.trained = False
         self.model = None
         self.tokenizer = None
+        self._weights_dir: Path | None = None  # where the weights under an adapter come from, when not the base's
         if weights_path is not None:
             self.load(weights_path)
         else:
             self.tokenizer = loading.load_tokenizer(self._base_path, params.trust_remote_code)
-            self.model = self._load_pretrained(self._base_path)
-            self.initialize_adapter()
+            if load_model:
+                self.model = self._load_pretrained(self._base_path)
+                self.initialize_adapter()
         self.input_features = {f.name: f for f in self.config_obj.input_features}
-        self._forward_keys: set[str] | None = None
         self._build_text_parts()
         self.to_device(self.target_device)
 
     @staticmethod
     def type() -> str:
         return "llm"
+
+    @property
+    def model(self):
+        """The Hugging Face (or peft) model. Setting it forgets what was derived from the old one (the forward's
+        arguments, the few-shot pool's embeddings)."""
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
+        self._forward_keys: set[str] | None = None
+        self._pool_vectors: torch.Tensor | None = None
 
     def _build_text_parts(self) -> None:
         """Output features, prompt renderer and encoder: everything that depends on the tokenizer."""
@@ -232,6 +239,8 @@ class LLM:
         return {"": dev.index or 0}
 
     def _vocab_size(self) -> int:
+        if self.model is None:
+            return self._vocab
         return int(self.model.get_input_embeddings().weight.shape[0])
 
     @classmethod
@@ -282,6 +291,9 @@ class LLM:
         On the CPU, for a model already there, this is a no-op (logged). Quantized weights stay where they were
         loaded."""
         device = resolve_device(device)
+        if self.model is None:
+            self.target_device = device
+            return self
         if device == self.curr_device or (device.type == "cpu" and self.curr_device.type == "cpu"):
             log.info("to_device(%s): the model is already there; nothing to do", device)
             return self
@@ -320,9 +332,52 @@ class LLM:
         return self.config_obj.preprocessing.max_sequence_length or self.context_len
 
     def encode_inputs(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """``{first input feature: left-padded prompt ids}`` of records (rendered by the prompt template)."""
-        ids, _ = left_pad([self.encoder.prompt_ids(r) for r in records], self.pad_id)
+        """``{first input feature: left-padded prompt ids}`` of records (rendered by the prompt template, with
+        their few-shot examples)."""
+        examples = self.few_shot_examples(records)
+        ids, _ = left_pad([self.encoder.prompt_ids(r, e) for r, e in zip(records, examples)], self.pad_id)
         return {self._in_name: ids}
+
+    def training_samples(self, records: Sequence[dict]) -> list[dict]:
+        """Records as training samples of the core format (prompt and target as the model sees them); with
+        similarity retrieval a record is never shown itself (its own answer) as an example."""
+        examples = self.few_shot_examples(records, exclude_self=True)
+        return [self.renderer.sample(r, examples=e) for r, e in zip(records, examples)]
+
+    # -------------------------------------------------------------------------------------------- few-shot
+    def embed(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+        """``[len(texts), hidden]``: each text's last hidden state averaged over its tokens, scaled to unit length
+        (right-padded batches, so padding changes no token's state). Used to retrieve similar examples."""
+        batch_size = batch_size or self.config_obj.trainer.eval_batch_size
+        device, rows = self._input_device(), []
+        keep = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
+        with self._inference():
+            for part in _chunks(list(texts), batch_size):
+                encoded = [self.tokenizer(t, add_special_tokens=True)["input_ids"][: self.max_input_length]
+                           or [self.pad_id] for t in part]
+                width = max(map(len, encoded))
+                ids = torch.tensor([e + [self.pad_id] * (width - len(e)) for e in encoded])
+                mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+                out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                                 output_hidden_states=True, **keep)
+                hidden, weights = out.hidden_states[-1].float().cpu(), mask[..., None].float()
+                rows.append((hidden * weights).sum(1) / weights.sum(1))
+        return F.normalize(torch.cat(rows), dim=-1) if rows else torch.zeros(0, 0)
+
+    def few_shot_examples(self, records: Sequence[dict], exclude_self: bool = False) -> list[list[dict] | None]:
+        """Each record's few-shot examples: with ``prompt.few_shot_retrieval: similarity`` the ``prompt.few_shot``
+        pool records (``prompt.examples``) most similar to it (:mod:`hfbridge.declarative.retrieval`); else
+        ``None`` (the prompt shows the config's examples). ``exclude_self`` leaves out pool records equal to the
+        record (for training samples)."""
+        prompt = self.config_obj.prompt
+        if prompt.few_shot_retrieval != "similarity" or not prompt.examples or not records:
+            return [None] * len(records)
+        if self._pool_vectors is None:  # embedded once per model (setting llm.model forgets them)
+            self._pool_vectors = self.embed([self.renderer.render(e) for e in prompt.examples])
+        queries = self.embed([self.renderer.render(r) for r in records])
+        exclude = same_record_mask(self.config_obj, records, prompt.examples) if exclude_self else None
+        picked = nearest(queries, self._pool_vectors, prompt.few_shot, exclude)
+        return [[prompt.examples[j] for j in row] for row in picked]
 
     def encode_targets(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         """``{output feature: left-padded target ids}`` (the target's own tokens, without the stop tokens)."""
@@ -456,7 +511,7 @@ class LLM:
         trained), plus an optional l1/l2 penalty on the trainable weights. Returns ``(loss, {output: loss})``."""
         per_feature = {name: self._token_loss(targets, predictions, name) for name in self.output_features}
         loss = sum(per_feature.values())
-        if regularization_type and regularization_lambda:
+        if regularizes(regularization_type, regularization_lambda):
             loss = loss + regularization_loss(self.model, regularization_type, regularization_lambda)
         return loss, per_feature
 
@@ -651,7 +706,8 @@ class LLM:
     def train(self, train_records: Sequence[dict], validation_records: Sequence[dict] | None = None,
               output_dir: str | Path | None = None, progress_bar: bool = True):
         """Fine-tune with the core: records rendered into samples, :class:`hfbridge.CausalLMDataModule`,
-        :class:`hfbridge.HFAutoModelForCausalLM` and Lightning's ``Trainer``. Returns the trainer."""
+        :class:`hfbridge.HFAutoModelForCausalLM` (plus the trainer's regularization) and Lightning's ``Trainer``.
+        After :meth:`load` it continues from the loaded weights (see there). Returns the trainer."""
         from hfbridge.declarative.training import fit
 
         trainer = fit(self, train_records, validation_records, output_dir, progress_bar)
@@ -666,11 +722,15 @@ class LLM:
             return "merged" if merged else "adapter"
         return "full"
 
-    def save(self, save_path: str | Path, merged: bool = False, overwrite: bool = True) -> Path:
+    def save(self, save_path: str | Path, merged: bool = False, overwrite: bool = False) -> Path:
         """Write ``save_path/`` (complete or absent): ``llm_config.yaml``, ``llm_meta.json`` and, when weights
         changed, ``model_weights/`` (the adapter alone, or with ``merged=True`` the model with the adapter merged,
         loadable by plain transformers). With ``trainer.type: none`` only the config is written, as in the seed:
-        loading then uses the base model."""
+        loading then uses the base model.
+
+        An adapter trained on weights loaded from a merged or full save (:meth:`load`, then :meth:`train`) belongs
+        to those weights, not to the base model: ``llm_meta.json`` names their folder (``adapter_base``), and
+        :meth:`load` puts the adapter back on them (save with ``merged=True`` for a folder that stands alone)."""
         from hfbridge.models.causal_lm import HFAutoModelForCausalLM
 
         kind = self._weights_kind(merged)
@@ -685,26 +745,46 @@ class LLM:
                 module.save_pretrained(tmp / WEIGHTS_DIR, merged=merged)
             meta = {"weights": kind, "random_seed": self._random_seed, "chat": self.renderer.chat,
                     "base_model": self.model_name}
+            if kind == "adapter" and self._weights_dir is not None:
+                meta["adapter_base"] = str(self._weights_dir.resolve())
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         return save_path
 
     def load(self, save_path: str | Path) -> None:
-        """Load the weights :meth:`save` wrote: an adapter onto a freshly loaded base model (peft's
-        ``PeftConfig`` + ``PeftModel``), or the full/merged weights, or (config only) the base model."""
+        """Load the weights :meth:`save` wrote, ready to predict or to train further: an adapter onto a freshly
+        loaded base model (peft's ``PeftConfig`` + ``PeftModel``, trainable, as the seed's ``inference_mode=False``
+        asks), or the full/merged weights, or (config only) the base model.
+
+        :meth:`train` then continues from them: the loaded adapter trains on; merged weights get a fresh adapter
+        of the config's ``adapter`` section on top (its update starts at zero, so training starts from exactly the
+        saved model), or train in full when the config has no adapter."""
         save_path = Path(save_path)
         meta = json.loads((save_path / META_FILE).read_text())
         weights = save_path / WEIGHTS_DIR
         params = self.config_obj.model_parameters
         kind = meta.get("weights", "none")
+        self._weights_dir = None
         if kind == "adapter":
             from peft import PeftConfig, PeftModel
 
             peft_config = PeftConfig.from_pretrained(str(weights))
-            log.info("loading a %s adapter onto %s", peft_config.peft_type, self.model_name)
-            base = self._load_pretrained(self._base_path)
-            self.model = PeftModel.from_pretrained(base, str(weights), is_trainable=False)
+            base_path = self._base_path
+            if meta.get("adapter_base"):
+                self._weights_dir = base_path = Path(meta["adapter_base"])
+                if not (base_path / "config.json").exists():
+                    raise FileNotFoundError(f"{save_path} holds an adapter trained on the weights in {base_path}, "
+                                            "which are gone; load that folder's save instead, or save with "
+                                            "merged=True next time")
+            log.info("loading a %s adapter onto %s", peft_config.peft_type, base_path)
+            base = self._load_pretrained(base_path)
+            if is_quantized(base):  # as the adapter transform does before training (QLoRA)
+                from peft import prepare_model_for_kbit_training
+
+                base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+            self.model = PeftModel.from_pretrained(base, str(weights), is_trainable=True)
         elif kind in ("merged", "full"):
             self.model = self._load_pretrained(weights)
+            self._weights_dir = weights
         else:
             self.model = self._load_pretrained(self._base_path)
         self.model.eval()
@@ -712,7 +792,6 @@ class LLM:
         tokenizer_dir = weights if has_tokenizer else self._base_path  # an adapter folder has no config.json
         self.tokenizer = loading.load_tokenizer(tokenizer_dir, params.trust_remote_code)
         self.trained = kind != "none"
-        self._forward_keys = None
         if not is_quantized(self.model):
             self.curr_device = torch.device("cpu")
         if hasattr(self, "encoder"):  # loaded into a built LLM: the tokenizer and device are new
@@ -731,10 +810,17 @@ def saved_model_dir(path: str | Path) -> Path:
                             "LLM.save or hfbridge train")
 
 
-def load_llm(path: str | Path, device: str | torch.device | None = None) -> LLM:
-    """An :class:`LLM` from a saved folder (or a training run's folder), in a fresh process."""
+def load_llm(path: str | Path, device: str | torch.device | None = None, trust_remote_code: bool = False) -> LLM:
+    """An :class:`LLM` from a saved folder (or a training run's folder), in a fresh process.
+
+    ``trust_remote_code`` comes from the caller only: a saved folder's own ``model_parameters.trust_remote_code``
+    is not obeyed (a folder someone hands you must not be able to run code by asking for it)."""
     folder = saved_model_dir(path)
     config = load_config(folder / CONFIG_FILE)
+    if config.model_parameters.trust_remote_code and not trust_remote_code:
+        log.warning("%s asks for trust_remote_code; it is off unless the caller turns it on "
+                    "(--trust-remote-code)", folder / CONFIG_FILE)
+    config.model_parameters.trust_remote_code = trust_remote_code
     meta = json.loads((folder / META_FILE).read_text())
     return LLM(config, random_seed=meta.get("random_seed", 42), device=device, weights_path=folder)
 

@@ -76,9 +76,16 @@ class PromptRenderer:
         values["__labels__"] = ", ".join(labels)
         return self.template.format_map(values)
 
-    def _examples_text(self) -> str:
+    @property
+    def static_examples(self) -> list[dict]:
+        """The examples every prompt shows unless it is given its own: the config's ``examples``, or none when they
+        are a pool to retrieve from (``few_shot_retrieval: similarity``)."""
+        prompt = self.config.prompt
+        return [] if prompt.few_shot_retrieval == "similarity" else prompt.examples
+
+    def _examples_text(self, examples: list[dict] | None) -> str:
         blocks = []
-        for example in self.config.prompt.examples:
+        for example in self.static_examples if examples is None else examples:
             answer = value_text(example.get(self.target_name))
             if self.chat:
                 blocks.append(f"{self.render(example)}\nAnswer: {answer}")
@@ -86,24 +93,25 @@ class PromptRenderer:
                 blocks.append(f"{self.render(example)} {answer}")
         return "".join(block + "\n\n" for block in blocks)
 
-    def user_text(self, record: dict) -> str:
-        text = self._examples_text() + self.render(record)
+    def user_text(self, record: dict, examples: list[dict] | None = None) -> str:
+        """The few-shot examples (``examples``, default :attr:`static_examples`), then the rendered record."""
+        text = self._examples_text(examples) + self.render(record)
         if not self.chat and self.config.prompt.system:
             text = f"{self.config.prompt.system}\n\n{text}"
         return text
 
-    def prompt(self, record: dict) -> Prompt:
+    def prompt(self, record: dict, examples: list[dict] | None = None) -> Prompt:
         """What generation is given: a string, or chat messages ending with the user turn."""
-        text = self.user_text(record)
+        text = self.user_text(record, examples)
         if not self.chat:
             return text
         messages = [{"role": "system", "content": self.config.prompt.system}] if self.config.prompt.system else []
         return [*messages, {"role": "user", "content": text}]
 
-    def sample(self, record: dict, target: str | None = None) -> dict:
+    def sample(self, record: dict, target: str | None = None, examples: list[dict] | None = None) -> dict:
         """A training sample in the core format :attr:`fmt`; the target defaults to the record's output column."""
         target = value_text(record.get(self.target_name)) if target is None else target
-        prompt = self.prompt(record)
+        prompt = self.prompt(record, examples)
         if self.chat:
             return {"messages": [*prompt, {"role": "assistant", "content": target}]}
         return {"prompt": prompt, "completion": f" {target}"}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfbridge.console import say
-from hfbridge.declarative.dataset import Splits, read_dataset, split_rows, write_rows
+from hfbridge.declarative.dataset import OUTPUT_SUFFIXES, Splits, read_dataset, split_rows, write_rows
 from hfbridge.declarative.llm import LLM, EvalResult, load_llm
 from hfbridge.declarative.metrics import (
     format_confusion_matrix,
@@ -22,6 +22,7 @@ from hfbridge.declarative.metrics import (
     plot_confusion_matrix,
     scalar_metrics,
 )
+from hfbridge.declarative.regularization import regularizes
 from hfbridge.declarative.schema import LLMConfig, dump_config, load_config
 from hfbridge.declarative.training import (
     check_trainable,
@@ -41,28 +42,32 @@ class TrainResult:
     before: dict | None
     after: dict | None
     train_seconds: float
+    exit_code: int = 0
 
 
-def open_llm(model: str | None, config: str | None, device: str | None = None, random_seed: int = 42) -> LLM:
-    """A saved model (``--model``), or the base model of a config for zero- or few-shot use (``--config``)."""
+def open_llm(model: str | None, config: str | None, device: str | None = None, random_seed: int = 42,
+             trust_remote_code: bool = False) -> LLM:
+    """A saved model (``--model``), or the base model of a config for zero- or few-shot use (``--config``).
+    A saved folder's ``trust_remote_code`` is not obeyed: only ``trust_remote_code`` here (the command line)."""
     if bool(model) == bool(config):
         raise ValueError("give exactly one of --model (a saved or trained model folder) and --config (a config "
                          "whose base model is used as it is)")
     if model:
-        return load_llm(model, device)
+        return load_llm(model, device, trust_remote_code)
     return LLM(load_config(config), random_seed, device)
 
 
 def choose_few_shot(cfg: LLMConfig, train: list[dict], seed: int) -> None:
-    """Freeze ``prompt.few_shot`` examples from the training split into ``prompt.examples`` (saved with the
-    model, so that predicting later shows the same examples)."""
+    """Freeze few-shot examples from the training split into ``prompt.examples`` (saved with the model, so that
+    predicting later shows, or retrieves from, the same examples): ``prompt.few_shot`` records drawn at random
+    (seeded), or with ``few_shot_retrieval: similarity`` the whole split, the pool each prompt retrieves from."""
     k = cfg.prompt.few_shot
     if k <= 0 or cfg.prompt.examples:
         return
     if len(train) < k:
         raise ValueError(f"prompt.few_shot={k} but the training split has only {len(train)} records")
     columns = [f.name for f in cfg.input_features] + [cfg.output_feature.name]
-    picked = random.Random(seed).sample(train, k)
+    picked = train if cfg.prompt.few_shot_retrieval == "similarity" else random.Random(seed).sample(train, k)
     cfg.prompt.examples = [{c: r.get(c) for c in columns} for r in picked]
 
 
@@ -93,7 +98,8 @@ class DeclarativeTask(Task):
 
     The LLM object loads the base model (adapter, quantization, device as the config says), scores it (loss,
     exact match, BLEU/ROUGE, or accuracy/F1 for categories) and saves itself (``config.yaml`` is the declarative
-    config, so ``hfbridge predict --model RUN`` loads it); the pipeline checks, trains and gathers.
+    config, so ``hfbridge predict --model RUN`` loads it); the pipeline checks, trains and gathers. On a device
+    mesh the LLM holds no weights until scoring: the module loads and shards them as ``hfbridge finetune``'s does.
     """
 
     name = "declarative"
@@ -102,6 +108,19 @@ class DeclarativeTask(Task):
         self.llm_cfg, self.dataset, self.seed, self.device, self.progress = llm_cfg, dataset, seed, device, progress
         self.llm: LLM | None = None
         self.work: Path | None = None
+        self.job = None
+
+    def check(self, cfg) -> None:
+        from hfbridge.parallel.runtime import wanted
+
+        if not wanted(cfg):
+            return
+        if self.llm_cfg.quantization is not None:
+            raise ValueError("quantization: 4/8-bit weights cannot be sharded over several processes (FSDP2 needs "
+                             "plain floating-point weights); train QLoRA on one device")
+        if regularizes(self.llm_cfg.trainer.regularization_type, self.llm_cfg.trainer.regularization_lambda):
+            raise ValueError("trainer.regularization_lambda: regularization on a device mesh (--nproc-per-node, "
+                             "--sharding-axis-dims) is not supported yet; train on one process, or set it to 0")
 
     def read_data(self, cfg, work: Path) -> TaskData:
         self.work = work
@@ -123,8 +142,9 @@ class DeclarativeTask(Task):
         dump_config(self.llm_cfg, work / "config.yaml")  # with the few-shot examples chosen above
 
     def module(self, cfg, model_path, job):
-        self.llm = LLM(self.llm_cfg, self.seed, self.device)
-        return module_for(self.llm)
+        self.job = job
+        self.llm = LLM(self.llm_cfg, self.seed, self.device, load_model=job is None)
+        return module_for(self.llm, cfg, job)
 
     def loaded_message(self, cfg, module, seconds: float) -> str:
         llm = self.llm
@@ -142,15 +162,16 @@ class DeclarativeTask(Task):
         return "before" if self.trains(cfg) else "zero_shot"
 
     def trainer_overrides(self, cfg) -> dict:
-        return device_overrides(self.llm)
+        return device_overrides(self.llm) if self.job is None else {}  # on a mesh: the parallel runtime's
 
     def datamodule(self, cfg, module, data: TaskData, context):
+        if self.job is not None:  # every rank retrieves few-shot examples with the sharded model, together
+            self.llm.model = module.model
         return datamodule_for(self.llm, data.train, data.validation, cfg)
 
     def score(self, model, module, data: TaskData, cfg, label: str) -> Score | None:
         self.llm.model = model
         self.llm.model.eval()
-        self.llm._forward_keys = None
         result = evaluate_records(self.llm, data.test, self.work, label, self.progress)
         if label == "after":
             write_rows([{**r, **p} for r, p in zip(data.test, result.predictions)],
@@ -182,13 +203,22 @@ class DeclarativeTask(Task):
 
 
 def train_job(config_path: str | Path, dataset: str | Path, output: str | Path, overwrite: bool = False,
-              random_seed: int = 42, device: str | None = None, progress_bar: bool = True) -> TrainResult:
+              random_seed: int = 42, device: str | None = None, progress_bar: bool = True,
+              parallel: dict | None = None, argv: list[str] | None = None) -> TrainResult:
     """Check, load, evaluate before, fine-tune (unless ``trainer.type: none``), evaluate after, save: the one
-    pipeline (:func:`hfbridge.recipe.pipeline.run`) with the config translated into a run recipe."""
+    pipeline (:func:`hfbridge.recipe.pipeline.run`) with the config translated into a run recipe.
+
+    ``parallel`` is the recipe's ``parallel`` section (mesh sizes, ``nproc_per_node``). With ``nproc_per_node``
+    outside torchrun and ``argv`` (this command line), torchrun is started to run it on every process instead,
+    and the result holds its ``exit_code``."""
+    from hfbridge.parallel.launch import maybe_launch
     from hfbridge.recipe import pipeline
 
     llm_cfg = load_config(config_path)
-    cfg = run_config(llm_cfg, dataset, output, overwrite, random_seed, progress_bar)
+    cfg = run_config(llm_cfg, dataset, output, overwrite, random_seed, progress_bar, parallel)
+    launched = maybe_launch(cfg.parallel, argv) if argv is not None else None
+    if launched is not None:
+        return TrainResult(Path(output), None, None, 0.0, exit_code=launched)
     task = DeclarativeTask(llm_cfg, dataset, random_seed, device, progress_bar)
     result = pipeline.run(cfg, task)
     finetune = task.trains(cfg)
@@ -224,6 +254,8 @@ def _select(dataset: str | Path, cfg: LLMConfig, split: str, seed: int, need_tar
 def predict_job(model: str | None, config: str | None, dataset: str | Path, output: str | Path,
                 split: str = "all", device: str | None = None, overwrite: bool = False) -> Path:
     output = Path(output)
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--output {output}: unknown file type {output.suffix!r}; use .csv, .jsonl or .parquet")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
     llm = open_llm(model, config, device)

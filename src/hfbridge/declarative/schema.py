@@ -52,7 +52,12 @@ class PromptConfig:
     ``template`` has ``{column}`` placeholders (and ``{__task__}``, ``{__labels__}``); without one, a template is
     built from ``task`` and the input columns. ``chat: auto`` renders the prompt as a user turn with the model's
     chat template when it has one. ``examples`` are few-shot records shown before each prompt; ``few_shot: k``
-    takes k of them from the training split when training (they are then saved with the model).
+    fills them from the training split when ``hfbridge train`` runs (they are then saved with the model).
+
+    ``few_shot_retrieval`` says how (Ludwig's ``prompt.retrieval.type``, whose ``random`` and ``semantic``
+    correspond): ``random`` (default) draws k training records once, seeded, and every prompt shows those;
+    ``similarity`` keeps the whole training split as the pool (``examples``) and shows each prompt the k records
+    whose input is most similar to its own (cosine of the model's mean-pooled last hidden states).
     """
 
     template: str | None = None
@@ -61,6 +66,7 @@ class PromptConfig:
     chat: bool | Literal["auto"] = "auto"
     examples: list[dict] = field(default_factory=list)
     few_shot: int = field(default=0, metadata={"min": 0})
+    few_shot_retrieval: Literal["random", "similarity"] = "random"
 
 
 @dataclass
@@ -91,7 +97,11 @@ class SchedulerConfig:
 
 @dataclass
 class TrainerConfig:
-    """``type: none`` (zero- or few-shot: nothing is trained) or ``finetune``."""
+    """``type: none`` (zero- or few-shot: nothing is trained) or ``finetune``.
+
+    ``regularization_type`` (``l1``, ``l2``, ``l1_l2``) and ``regularization_lambda`` (Ludwig's names and defaults:
+    ``l2`` and 0, so off) add ``lambda * sum |w|`` and/or ``lambda * sum w^2`` of the trainable weights to the
+    training loss."""
 
     type: Literal["none", "finetune"] = "finetune"
     epochs: int = field(default=1, metadata={"min": 1})
@@ -102,6 +112,8 @@ class TrainerConfig:
     learning_rate: float | None = field(default=None, metadata={"exclusive_min": 0.0})
     learning_rate_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    regularization_type: Literal["l1", "l2", "l1_l2"] | None = "l2"
+    regularization_lambda: float = field(default=0.0, metadata={"min": 0.0})
     max_grad_norm: float | None = field(default=1.0, metadata={"exclusive_min": 0.0})
     validate_every_n_steps: int | None = field(default=None, metadata={"min": 1})
     evaluate_before: bool = True
@@ -232,6 +244,9 @@ def _check_prompt(cfg: LLMConfig, errors: list[str]) -> None:
         unused = [n for n in inputs if n not in names]
         if unused:
             errors.append(f"prompt.template: input features {', '.join(unused)} appear in no placeholder")
+    if prompt.few_shot_retrieval == "similarity" and prompt.few_shot < 1:
+        errors.append("prompt.few_shot_retrieval: similarity needs prompt.few_shot >= 1 (how many examples each "
+                      "prompt shows)")
     target = cfg.output_feature.name if cfg.output_features else None
     for i, example in enumerate(prompt.examples):
         missing = [c for c in [*inputs, target] if c is not None and c not in example]

@@ -1,7 +1,8 @@
 """A declarative config translated into the run recipe, and fine-tuning an :class:`~hfbridge.declarative.LLM`
-with the core: samples in a core format, ``CausalLMDataModule``, ``HFAutoModelForCausalLM`` and the one Trainer
-builder of :mod:`hfbridge.recipe.pipeline` (loss per label token of the optimizer step, labels shifted once, per
-sample). Nothing here re-implements the job: ``hfbridge train`` runs :func:`hfbridge.recipe.pipeline.run`."""
+with the core: samples in a core format, ``CausalLMDataModule``, ``HFAutoModelForCausalLM`` (with the trainer's
+regularization: :class:`~hfbridge.declarative.module.DeclarativeCausalLM`) and the one Trainer builder of
+:mod:`hfbridge.recipe.pipeline` (loss per label token of the optimizer step, labels shifted once, per sample).
+Nothing here re-implements the job: ``hfbridge train`` runs :func:`hfbridge.recipe.pipeline.run`."""
 
 from __future__ import annotations
 
@@ -9,23 +10,15 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from hfbridge.declarative.schema import LLMConfig, TrainerConfig
-from hfbridge.optim import OptimizerConfig
+from hfbridge.declarative.schema import LLMConfig
 from hfbridge.recipe.config import RunConfig, parse_run_config
 
 
-def optimizer_config(trainer: TrainerConfig) -> OptimizerConfig:
-    """The core's optimizer settings from the config's ``trainer`` section."""
-    schedule = trainer.learning_rate_scheduler
-    return OptimizerConfig(
-        lr=trainer.learning_rate, weight_decay=trainer.weight_decay, warmup_ratio=schedule.warmup_fraction,
-        schedule=schedule.decay, min_lr_ratio=schedule.min_lr_ratio, max_grad_norm=trainer.max_grad_norm,
-    )
-
-
 def run_config(cfg: LLMConfig, dataset: str | Path | None = None, output: str | Path | None = None,
-               overwrite: bool = False, seed: int = 42, progress_bar: bool = True) -> RunConfig:
-    """The run recipe a seed-003 config stands for (what ``hfbridge finetune`` would be given)."""
+               overwrite: bool = False, seed: int = 42, progress_bar: bool = True,
+               parallel: dict | None = None) -> RunConfig:
+    """The run recipe a seed-003 config stands for (what ``hfbridge finetune`` would be given). ``parallel`` is
+    the recipe's ``parallel`` section (``hfbridge train --nproc-per-node 2 --sharding-axis-dims 1,-1,1,1``)."""
     t, schedule, adapter = cfg.trainer, cfg.trainer.learning_rate_scheduler, cfg.adapter
     peft = {"type": "none"}
     if adapter is not None:
@@ -49,23 +42,36 @@ def run_config(cfg: LLMConfig, dataset: str | Path | None = None, output: str | 
                   "seed": seed, "progress_bar": progress_bar},
         "eval": {"batch_size": t.eval_batch_size, "max_new_tokens": cfg.max_new_tokens},
         "output": {"dir": str(output) if output else "runs/llm", "overwrite": overwrite},
+        "parallel": {k: v for k, v in (parallel or {}).items() if v is not None},
     }, "(declarative config)")
 
 
-def module_for(llm):
-    """The Lightning module that trains ``llm.model`` in place (adapter, quantization and device as loaded)."""
-    from hfbridge.models.causal_lm import HFAutoModelForCausalLM
+def module_for(llm, cfg: RunConfig, job=None):
+    """The Lightning module that trains ``llm``'s model, built as ``hfbridge finetune`` builds its own
+    (:func:`hfbridge.recipe.tasks.module_options`: adapter, optimizer, speed, mesh) plus the trainer's
+    regularization.
 
-    return HFAutoModelForCausalLM(model_name=llm.model, tokenizer=llm.tokenizer,
-                                  optim=optimizer_config(llm.config_obj.trainer))
+    One process: ``llm.model`` is trained in place (adapter, quantization and device as loaded; a model loaded
+    from a merged save gets the config's adapter here). On a device mesh (``job``) the LLM holds no model: the
+    module loads the base model on the meta device, adds the adapter, shards it and each rank loads its shards.
+    """
+    from hfbridge.declarative.module import DeclarativeCausalLM
+    from hfbridge.recipe.tasks import module_options
+
+    trainer = llm.config_obj.trainer
+    model = llm.model if llm.model is not None else str(llm._base_path)
+    return DeclarativeCausalLM(model_name=model, tokenizer=llm.tokenizer, **module_options(cfg, job),
+                               regularization_type=trainer.regularization_type,
+                               regularization_lambda=trainer.regularization_lambda)
 
 
 def datamodule_for(llm, train_records: Sequence[dict], validation_records: Sequence[dict] | None, cfg: RunConfig):
-    """Records rendered into samples of a core format (prompt and target as the model will see them)."""
+    """Records rendered into samples of a core format (prompt and target as the model will see them; with
+    similarity retrieval, a sample never shows itself as an example)."""
     from hfbridge.data.datamodule import CausalLMDataModule
 
-    samples = [llm.renderer.sample(r) for r in train_records]
-    val_samples = [llm.renderer.sample(r) for r in validation_records] if validation_records else None
+    samples = llm.training_samples(train_records)
+    val_samples = llm.training_samples(validation_records) if validation_records else None
     return CausalLMDataModule(
         llm.tokenizer, samples, val_samples, data_format=llm.renderer.fmt, max_length=llm.max_sequence_length,
         batch_size=cfg.train.batch_size, val_batch_size=cfg.eval.batch_size, seed=cfg.train.seed,
@@ -96,7 +102,7 @@ def fit(llm, train_records: Sequence[dict], validation_records: Sequence[dict] |
 
     check_trainable(llm.config_obj, train_records)
     cfg = run_config(llm.config_obj, seed=llm._random_seed, progress_bar=progress_bar)
-    module = module_for(llm)
+    module = module_for(llm, cfg)
     data = datamodule_for(llm, train_records, validation_records, cfg)
     trainer = build_trainer(cfg, Path(output_dir) if output_dir else None, **device_overrides(llm))
     pl.seed_everything(llm._random_seed, verbose=False)
@@ -105,5 +111,4 @@ def fit(llm, train_records: Sequence[dict], validation_records: Sequence[dict] |
         trainer.fit(module, data)
     llm.model = module.model
     llm.model.eval()
-    llm._forward_keys = None
     return trainer
