@@ -95,3 +95,11 @@ def test_signature_follows_the_seed():
     params = inspect.signature(AutoJaxModelForCausalLM.from_pretrained).parameters
     assert params["sharding_axis_dims"].default == (1, -1, 1, 1)
     assert params["sharding_axis_names"].default == ("dp", "fsdp", "tp", "sp")
+
+
+def test_the_seeds_class_name_is_the_same_loader(jax_model_dir):
+    from hfbridge.jax import AutoEasyDeLModelForCausalLM, AutoJaxModelForCausalLM
+
+    assert AutoEasyDeLModelForCausalLM is AutoJaxModelForCausalLM
+    module, params = AutoEasyDeLModelForCausalLM.from_pretrained(jax_model_dir("llama"))
+    assert module.config.model_type and params

@@ -19,6 +19,7 @@ except ImportError as e:  # pragma: no cover - exercised only without jax
 
 _EXPORTS = {
     "AutoJaxModelForCausalLM": "hfbridge.jax.auto",
+    "AutoEasyDeLModelForCausalLM": "hfbridge.jax.auto",
     "UnsupportedArchitectureError": "hfbridge.jax.config",
     "JaxLMConfig": "hfbridge.jax.config",
     "SUPPORTED_MODEL_TYPES": "hfbridge.jax.config",

@@ -190,3 +190,7 @@ def _print_params(module: Any, params: dict, folder: Path) -> None:
         f"({total - embed:,} without embeddings) in {len(flat)} tensors, {param_bytes(params) / 2**20:.1f} MiB, "
         f"{quantized} of them 8-bit"
     )
+
+
+# The seed's name (EasyDeL's), for code written against it: the same class, the same arguments and return value.
+AutoEasyDeLModelForCausalLM = AutoJaxModelForCausalLM
