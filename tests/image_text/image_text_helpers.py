@@ -3,9 +3,12 @@
 from PIL import Image
 
 # the assistant turn as each family's chat template writes it: content and end-of-turn
-ASSISTANT_TURN = {"llava": "{}<|im_end|>\n", "idefics3": " {}<end_of_utterance>\n", "gemma3": "{}<end_of_turn>\n"}
+ASSISTANT_TURN = {"llava": "{}<|im_end|>\n", "idefics3": " {}<end_of_utterance>\n", "gemma3": "{}<end_of_turn>\n",
+                  "paligemma": "{}<eos>", "mllama": "{}<|eot_id|>"}
 # image tokens each tiny model puts in input_ids per image
-IMAGE_TOKENS = {"llava": 16, "idefics3": 4, "gemma3": 4}
+IMAGE_TOKENS = {"llava": 16, "idefics3": 4, "gemma3": 4, "paligemma": 16, "mllama": 1}
+# families whose processor refuses a sample without an image (PaliGemma's)
+NEEDS_AN_IMAGE = {"paligemma"}
 
 
 def square(colour=(214, 39, 40), size=32):

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from image_text_helpers import ASSISTANT_TURN, IMAGE_TOKENS, chat, square
+from image_text_helpers import ASSISTANT_TURN, IMAGE_TOKENS, NEEDS_AN_IMAGE, chat, square
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -18,9 +18,11 @@ from hfbridge.data.image_text import (
     ImageError,
     ImageTextDataModule,
     encode_samples,
+    image_text_inputs,
     load_image,
     load_image_text_records,
     parse_record,
+    prompt_and_reference,
     render_sample,
     skipped_token_ids,
 )
@@ -66,11 +68,46 @@ def test_skipped_ids_come_from_the_processor_and_keep_the_end_of_turn(image_text
     assert end_of_turn not in skipped and tokenizer.eos_token_id not in skipped
     assert _image_token_id(image_text_dir) in skipped and tokenizer.pad_token_id in skipped
     extra = {"llava": ["<image>"], "idefics3": ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>"],
-             "gemma3": ["<start_of_image>", "<end_of_image>", "<start_of_turn>"]}[family]
+             "gemma3": ["<start_of_image>", "<end_of_image>", "<start_of_turn>"], "paligemma": ["<image>", "<bos>"],
+             "mllama": ["<|image|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]}[family]
     assert set(tokenizer.convert_tokens_to_ids(extra)) <= skipped
+    if family == "paligemma":  # its detection and segmentation tokens are answers, not markup
+        assert not set(tokenizer.convert_tokens_to_ids(["<loc0000>", "<loc1023>", "<seg127>"])) & skipped
 
 
-def test_a_batch_of_mixed_image_counts_equals_its_samples_one_by_one(image_text_dir):
+def test_a_prompt_is_its_training_sequence_cut_before_the_answer(image_text_dir):
+    """What generation gives the model (the record cut before its last answer, with the generation prompt) is
+    exactly the start of the training sequence, up to the first token of that answer: the same ids and token
+    types (PaliGemma's processor appends the newline ending its prefix to every text: it is there once)."""
+    processor = AutoProcessor.from_pretrained(image_text_dir)
+    record = chat(("user", "<img>What colour is the shape?"), ("assistant", "red"),
+                  ("user", "What shape is this?"), ("assistant", "square"), images=[square()])
+    _, train = _encode(processor, [record])
+    prompt = image_text_inputs(processor, [prompt_and_reference(load_image_text_records([record])[0])[0]])
+    n = prompt["input_ids"].shape[1]
+    assert torch.equal(prompt["input_ids"][0], train["input_ids"][0, :n])
+    assert train["labels"][0, n - 1] != IGNORE_INDEX  # the next token is the answer's first, a target
+    if "token_type_ids" in train:
+        assert torch.equal(prompt["token_type_ids"][0], train["token_type_ids"][0, :n])
+
+
+def test_paligemma_answers_are_the_causal_suffix_of_its_prefix_lm(image_text_dirs):
+    """PaliGemma is a prefix LM: token_type_ids are 0 (attended both ways) over the images and prompt and 1
+    (causal) from the first trained token on, so no position sees the token it learns to predict. (The processor
+    gives 0 everywhere for a rendered conversation: the prompt would then attend to the answer.)"""
+    processor = AutoProcessor.from_pretrained(image_text_dirs["paligemma"])
+    model = AutoModelForImageTextToText.from_pretrained(image_text_dirs["paligemma"]).eval()
+    batches = [_encode(processor, [chat(("user", "<img>What colour is the shape?"), ("assistant", answer),
+                                        images=[square()])])[1] for answer in ("red", "blue")]
+    first = int((batches[0]["labels"][0] != IGNORE_INDEX).nonzero()[0]) + 1  # where the answer starts
+    types = batches[0]["token_type_ids"][0]
+    assert first > IMAGE_TOKENS["paligemma"] and not types[:first].any() and types[first:].all()
+    with torch.no_grad():  # what predicts the answer does not depend on the answer
+        logits = [model(**{k: v for k, v in b.items() if k != "labels"}).logits[0, :first] for b in batches]
+    torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_a_batch_of_mixed_image_counts_equals_its_samples_one_by_one(image_text_dir, family):
     """Two images, none, and one image in one batch: each row has the input ids and labels of its sample alone,
     and the model gives it the same logits (padding and pixel batching change nothing)."""
     processor = AutoProcessor.from_pretrained(image_text_dir)
@@ -81,6 +118,11 @@ def test_a_batch_of_mixed_image_counts_equals_its_samples_one_by_one(image_text_
         chat(("user", "Say red."), ("assistant", "red")),
         chat(("user", "<img>What shape is this?"), ("assistant", "square"), images=[square()]),
     ]
+    if family in NEEDS_AN_IMAGE:  # a sample without an image is refused and named, alone or in a batch
+        for batch, where in (([records[1]], "record 0"), (records, "record 1")):
+            with pytest.raises(DataFormatError, match=f"{where}: PaliGemmaProcessor needs an image in every sample"):
+                _encode(processor, batch)
+        records.pop(1)
     samples, batch = _encode(processor, records)
     skipped = skipped_token_ids(processor)
     with torch.no_grad():
@@ -177,6 +219,21 @@ def test_a_processor_without_a_chat_template_is_refused(image_text_dirs):
     processor.chat_template = None
     with pytest.raises(DataFormatError, match="the processor has no chat template"):
         ImageTextDataModule(processor, [_image_record(square())])
+
+
+def test_a_paligemma_checkpoint_without_a_chat_template_is_told_how_to_give_one(image_text_dirs):
+    """Real PaliGemma (2, mix) checkpoints ship no chat template: the error names it and the template that works."""
+    from hfbridge.models.tiny_image_text import TEMPLATES
+
+    processor = AutoProcessor.from_pretrained(image_text_dirs["paligemma"])
+    processor.chat_template = None
+    with pytest.raises(DataFormatError, match=r"(?s)the processor has no chat template.*PaliGemmaProcessor "
+                                              r"checkpoints.*TEMPLATES\['paligemma'\]"):
+        ImageTextDataModule(processor, [_image_record(square())])
+    processor.chat_template = TEMPLATES["paligemma"]
+    dm = ImageTextDataModule(processor, [_image_record(square())])
+    dm.setup()
+    assert dm.train_samples[0].num_label_tokens == 2  # "red" and EOS
 
 
 def test_web_urls_and_non_images_get_clear_errors(tmp_path):

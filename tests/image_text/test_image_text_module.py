@@ -2,16 +2,18 @@
 
 import importlib.util
 import json
+import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from image_text_helpers import chat, square
+from image_text_helpers import NEEDS_AN_IMAGE, chat, square
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import hfbridge
 from hfbridge import HFAutoModelForImageTextToText, LoRA, OptimizerConfig, masked_cross_entropy
 from hfbridge.data.demo_image_text import shape_records
+from hfbridge.data.formats import DataFormatError
 from hfbridge.data.image_text import ImageTextDataModule, load_image_text_records, prompt_and_reference
 from hfbridge.generation import generate_image_text as generate
 from hfbridge.losses import IGNORE_INDEX
@@ -61,18 +63,24 @@ def test_training_step_loss_is_the_masked_loss_of_shifted_labels(image_text_dir)
     assert torch.allclose(loss, hf_loss, atol=1e-5)
 
 
-def test_loss_falls_and_the_model_answers_after_training(image_text_dir):
-    torch.manual_seed(0)
-    module = _module(image_text_dir)
+def _train_on_colours(module, steps: int, lr: float) -> list[float]:
+    """AdamW on the trainable parameters, on one batch of the two colour records; the step losses."""
     batch = _batch(module, _colour_records())
-    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=lr)
     losses = []
-    for _ in range(40):
+    for _ in range(steps):
         loss = module.training_step(dict(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_loss_falls_and_the_model_answers_after_training(image_text_dir):
+    torch.manual_seed(0)
+    module = _module(image_text_dir)
+    losses = _train_on_colours(module, steps=40, lr=3e-3)
     assert losses[-1] < 0.2 * losses[0], losses
     prompts = [prompt_and_reference(r)[0] for r in load_image_text_records(_colour_records())]
     # the answer, and then the end-of-turn token (learned, so generation stops)
@@ -100,11 +108,15 @@ def test_save_then_reload_with_plain_transformers_gives_the_same_logits(image_te
         assert torch.allclose(module.model(**inputs).logits, model(**inputs).logits, atol=1e-6)
 
 
-def test_batched_generation_equals_one_at_a_time(image_text_dir):
+def test_batched_generation_equals_one_at_a_time(image_text_dir, family):
     module = _module(image_text_dir)
     prompts = [prompt_and_reference(r)[0] for r in load_image_text_records(shape_records(4, seed=3))]
     prompts.append(load_image_text_records([chat(("user", "Hello"), ("assistant", "x"))])[0])  # no image
     prompts[-1] = prompt_and_reference(prompts[-1])[0]
+    if family in NEEDS_AN_IMAGE:  # its processor refuses a prompt without an image: named, not misplaced
+        with pytest.raises(DataFormatError, match="record 0: PaliGemmaProcessor needs an image in every sample"):
+            generate(module.model, module.processor, prompts, max_new_tokens=5, batch_size=5)
+        prompts.pop()
     batched = generate(module.model, module.processor, prompts, max_new_tokens=5, batch_size=5)
     alone = [generate(module.model, module.processor, [p], max_new_tokens=5)[0] for p in prompts]
     assert batched == alone
@@ -214,3 +226,69 @@ def test_a_processor_that_needs_torchvision_says_so(tmp_path, tiny_tokenizer):
         json.dumps({"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor"}))
     with pytest.raises(ValueError, match="(?s)could not load the processor.*needs torchvision"):
         HFAutoModelForImageTextToText.configure_processor(str(tmp_path))
+
+
+def test_extract_skipped_token_ids_is_static_on_the_class_as_in_the_seed(image_text_dir):
+    """``HFAutoModelForImageTextToText.extract_skipped_token_ids(tokenizer)`` (the seed's static method, given a
+    tokenizer or a processor) and ``module.extract_skipped_token_ids()`` give the same ids."""
+    module = HFAutoModelForImageTextToText(model_name=str(image_text_dir))
+    on_module = module.extract_skipped_token_ids()
+    for chat_or_tokenizer in (module.processor, module.tokenizer):
+        assert torch.equal(HFAutoModelForImageTextToText.extract_skipped_token_ids(chat_or_tokenizer), on_module)
+    assert torch.equal(module.extract_skipped_token_ids(module.tokenizer), on_module)
+    assert isinstance(on_module, torch.IntTensor) and module.tokenizer.eos_token_id not in on_module
+    with pytest.raises(TypeError, match="needs a tokenizer or a processor"):
+        HFAutoModelForImageTextToText.extract_skipped_token_ids()
+
+
+# the modules of each tiny family that hold its vision tower and its projector (names written out, not derived)
+VISION_AND_PROJECTOR = {"llava": ("model.vision_tower", "model.multi_modal_projector"),
+                        "idefics3": ("model.vision_model", "model.connector"),
+                        "gemma3": ("model.vision_tower", "model.multi_modal_projector"),
+                        "paligemma": ("model.vision_tower", "model.multi_modal_projector"),
+                        "mllama": ("model.vision_model", "model.multi_modal_projector")}
+
+
+def test_the_modules_kept_in_full_precision_are_the_vision_tower_projector_and_head(image_text_dir, family):
+    from transformers import AutoConfig
+
+    from hfbridge.models.image_text import full_precision_modules
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(image_text_dir))
+    keep = full_precision_modules(model)
+    assert {*VISION_AND_PROJECTOR[family], "lm_head"} <= set(keep)
+    decoder = {"idefics3": "model.text_model"}.get(family, "model.language_model")
+    assert not any(name.startswith(f"{decoder}.layers") for name in keep)  # the language model is quantized
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_4bit_keeps_the_vision_tower_and_projector_in_full_precision_and_trains_with_lora(image_text_dirs):
+    """load_in_4bit=True (the seed's QLoRA example): the language model's linear layers are NF4 (``Params4bit``),
+    the vision tower's, the projector's and the output head's stay plain float32 weights; LoRA then trains."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    module = _module(image_text_dirs["llava"], load_in_4bit=True, model_transform=LoRA(r=4, alpha=8, dropout=0.0))
+    base = module.model.get_base_model()
+
+    def weights(part):
+        return [m.weight for name, m in part.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
+
+    full = weights(base.model.vision_tower) + weights(base.model.multi_modal_projector) + [base.lm_head.weight]
+    assert len(full) > 10 and all(type(w) is torch.nn.Parameter and w.dtype == torch.float32 for w in full)
+    quantized = weights(base.get_decoder())
+    assert len(quantized) == 14 and all(isinstance(w, bnb.nn.Params4bit) for w in quantized)  # 2 layers x 7
+
+    adapters = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    assert any("vision_tower" in n for n in adapters) and any("language_model" in n for n in adapters)
+    # gradients reach the vision tower's adapters through the 4-bit language model (bitsandbytes' CPU inference
+    # layout, which the loss's no-grad probe would switch the 4-bit layers to, has no backward)
+    module.training_step(dict(_batch(module, _colour_records()))).backward()
+    vision = [p.grad for n, p in module.model.named_parameters() if "vision_tower" in n and "lora_B" in n]
+    assert vision and all(g is not None and bool(g.abs().sum() > 0) for g in vision)
+    module.model.zero_grad()
+    losses = _train_on_colours(module, steps=3, lr=1e-2)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    after = dict(module.model.named_parameters())
+    assert all(not torch.equal(after[n], before) for n, before in adapters.items() if "lora_B" in n)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 import logging
 import warnings
@@ -238,13 +239,28 @@ def prompt_and_reference(record: ImageTextRecord) -> tuple[ImageTextRecord, str]
 
 def image_text_inputs(processor, records: Sequence[ImageTextRecord]) -> dict:
     """Model inputs of prompts (records cut before their answer): rendered with the chat template and its
-    generation prompt, with their images, left-padded, as tensors."""
+    generation prompt, with their images, left-padded, as tensors; laid out as training lays out the same turns.
+
+    A processor that appends text to every sample (PaliGemma's, the newline that ends its prefix) gets a prompt
+    that already ends with it without it, so the prompt is the training sequence's prefix. With a prefix-LM
+    processor (PaliGemma), earlier assistant turns of the prompt are marked as the causal suffix, as in training.
+    """
     images = [[load_image(src, r.where, r.base_dir) for src in r.images] for r in records]
-    return processor(
-        text=[render_chat(processor, r.messages, add_generation_prompt=True) for r in records],
-        images=images if any(images) else None, padding=True, padding_side="left",
-        add_special_tokens=False, return_tensors="pt",
-    )
+    _check_every_sample_has_an_image(processor, images, [r.where for r in records])
+    pixels = images if any(images) else None
+    texts = [render_chat(processor, r.messages, add_generation_prompt=True) for r in records]
+    laid = _laid_out(processor, texts, pixels)
+    texts = [_without_appended_tail(text, lt, r.where) for text, lt, r in zip(texts, laid, records)]
+    prefix_lm = _is_prefix_lm(processor)
+    kwargs = {"return_offsets_mapping": True, "return_text_replacement_offsets": True} if prefix_lm else {}
+    out = processor(text=texts, images=pixels, padding=True, padding_side="left", add_special_tokens=False,
+                    return_tensors="pt", **kwargs)
+    if prefix_lm:
+        spans = [assistant_spans(processor, r.messages)[1] for r in records]  # earlier assistant turns
+        _mark_suffix(out, _marked_tokens(processor, out, texts, spans, pixels, records))
+        out.pop("offset_mapping", None)
+        out.pop("text_replacement_offsets", None)
+    return out
 
 
 def prompt_length(processor, record: ImageTextRecord) -> int:
@@ -333,12 +349,136 @@ def _wheres(samples: Sequence[ImageTextSample]) -> str:
     return wheres[0] if len(wheres) == 1 else f"one of {', '.join(wheres[:4])}{'...' if len(wheres) > 4 else ''}"
 
 
+def _check_every_sample_has_an_image(processor, images: Sequence[list], wheres: Sequence[str]) -> None:
+    """A processor that refuses text without an image (PaliGemma's: its prefix starts with the image) would
+    misplace its BOS in an image-less row of a mixed batch; such a sample is named instead."""
+    if all(images):
+        return
+    try:
+        processor.validate_inputs(images=None, text=["probe"])
+    except ValueError:
+        where = next(w for w, row in zip(wheres, images) if not row)
+        raise DataFormatError(
+            f"{where}: {type(processor).__name__} needs an image in every sample, and this one has none"
+        ) from None
+    except (AttributeError, TypeError):
+        return
+
+
+def _laid_out(processor, texts: list[str], images) -> list[str]:
+    """The texts as the processor lays them out before it expands image placeholders (its
+    ``prepare_inputs_layout``): PaliGemma's inserts its BOS after the last image and appends the newline that ends
+    its prefix; Mllama's puts a BOS first when there is none; most leave them as they are."""
+    layout = getattr(processor, "prepare_inputs_layout", None)
+    if layout is None:
+        return list(texts)
+    try:
+        laid = layout(images=images, text=list(texts))[1]
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return list(texts)  # the processor's own call reports what is wrong with the sample
+    if not isinstance(laid, list) or len(laid) != len(texts) or not all(isinstance(t, str) for t in laid):
+        return list(texts)
+    return laid
+
+
+def _insertions(text: str, laid: str, where: str) -> list[tuple[int, int]]:
+    """What the processor's layout inserted into ``text``: ``(position in text, number of characters)`` pairs."""
+    if laid == text:
+        return []
+    if laid.startswith(text):
+        return [(len(text), len(laid) - len(text))]
+    import difflib
+
+    ops = difflib.SequenceMatcher(None, text, laid, autojunk=False).get_opcodes()
+    if any(tag in ("replace", "delete") for tag, *_ in ops):
+        raise DataFormatError(
+            f"{where}: the processor rewrites the rendered text before tokenizing it (not only inserting into it), "
+            "so assistant turns cannot be located"
+        )
+    return [(i1, j2 - j1) for tag, i1, _i2, j1, j2 in ops if tag == "insert"]
+
+
+def _past_insertions(position: int, insertions: Sequence[tuple[int, int]], is_start: bool) -> int:
+    """A position of the rendered text in the laid-out text. Text inserted exactly at a turn's start or end is
+    outside the turn."""
+    return position + sum(n for at, n in insertions if at < position or (is_start and at == position))
+
+
+def _without_appended_tail(text: str, laid: str, where: str) -> str:
+    """``text`` without the end that the processor's layout appends to every text anyway, when it already ends
+    with it (so it is there once, not twice)."""
+    tail = next((n for at, n in _insertions(text, laid, where) if at == len(text)), 0)
+    return text[:-tail] if tail and text.endswith(laid[-tail:]) else text
+
+
+def _is_prefix_lm(processor) -> bool:
+    """PaliGemma's convention: a prefix (images, prompt) attended bidirectionally and a causal suffix (the answer),
+    told apart by ``token_type_ids`` (0, 1); its processor takes the suffix as an argument of its own."""
+    try:
+        return "suffix" in inspect.signature(processor.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _marked_tokens(processor, out: dict, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]], images,
+                   records: Sequence[ImageTextRecord]) -> list[tuple[int, list[bool]]]:
+    """For each row of the processor's output: where its tokens start (either padding side) and, for each of them,
+    whether it ends inside one of the row's character ``spans`` of the rendered text. The spans are moved past
+    what the processor's layout inserts (:func:`_laid_out`) and past its image-placeholder expansions."""
+    if "offset_mapping" not in out:
+        raise DataFormatError(f"{type(processor).__name__} returns no token offsets (it needs a fast tokenizer)")
+    offsets = out["offset_mapping"].tolist()
+    laid = _laid_out(processor, list(texts), images)
+    replacements = out.get("text_replacement_offsets")
+    if replacements is None and images is not None:
+        replacements = _unexpanded(processor, laid, out["input_ids"])
+    attention_mask = out["attention_mask"]
+    marks = []
+    for row, (text, row_spans) in enumerate(zip(texts, spans)):
+        inserted = _insertions(text, laid[row], records[row].where)
+        moved = replacements[row] if replacements else []
+
+        def where_now(position: int, is_start: bool) -> int:  # in the text the processor tokenized
+            return _expand(_past_insertions(position, inserted, is_start), moved)  # noqa: B023 (used at once)
+
+        row_spans = [(where_now(s, True), where_now(e, False)) for s, e in row_spans]
+        start, n = int(attention_mask[row].argmax()), int(attention_mask[row].sum())
+        marks.append((start, tokens_in_spans(offsets[row][start : start + n], row_spans)))
+    return marks
+
+
+def _unexpanded(processor, laid: Sequence[str], input_ids: torch.Tensor) -> list[list]:
+    """No replacement for any row, when the processor does not report its expansions but expanded nothing (each
+    image placeholder is one token, as Mllama's ``<|image|>``); else a clear error."""
+    token, token_id = getattr(processor, "image_token", None), getattr(processor, "image_token_id", None)
+    if isinstance(token, str) and isinstance(token_id, int):
+        if all(text.count(token) == int((row == token_id).sum()) for text, row in zip(laid, input_ids)):
+            return [[] for _ in laid]
+    raise DataFormatError(
+        f"{type(processor).__name__} does not report where it expands image placeholders "
+        "(return_text_replacement_offsets), so assistant turns cannot be located among the image tokens"
+    )
+
+
+def _mark_suffix(out: dict, marks: Sequence[tuple[int, list[bool]]]) -> None:
+    """A prefix-LM's ``token_type_ids``: the suffix (1, attended causally) starts at the row's first marked token,
+    so no trained token is ever in the bidirectional prefix of the token that predicts it."""
+    token_types = out.get("token_type_ids")
+    if token_types is None:
+        return
+    for row, (start, marked) in enumerate(marks):
+        if any(marked):
+            token_types[row, start + marked.index(True) : start + len(marked)] = 1
+
+
 def encode_samples(processor, samples: Sequence[ImageTextSample], skipped_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """One batch: the processor's output (right-padded ``input_ids``, ``attention_mask``, pixel values and
-    whatever else this family's model takes, batched the family's way) plus next-token ``labels``."""
+    whatever else this family's model takes, batched the family's way) plus next-token ``labels``; with a prefix-LM
+    processor (PaliGemma), ``token_type_ids`` make the assistant turns the causal suffix."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     images = [[load_image(src, s.record.where, s.record.base_dir) for src in s.record.images] for s in samples]
+    _check_every_sample_has_an_image(processor, images, [s.record.where for s in samples])
     kwargs = {
         "text": [s.text for s in samples], "padding": True, "padding_side": "right", "return_tensors": "pt",
         "add_special_tokens": False, "return_offsets_mapping": True, "return_text_replacement_offsets": True,
@@ -349,26 +489,20 @@ def encode_samples(processor, samples: Sequence[ImageTextSample], skipped_ids: t
         out = dict(processor(**kwargs))
     except (ValueError, TypeError, IndexError) as e:
         raise DataFormatError(f"{_wheres(samples)}: the processor rejected this sample ({e})") from e
-    if "offset_mapping" not in out:
-        raise DataFormatError(f"{type(processor).__name__} returns no token offsets (it needs a fast tokenizer)")
-    offsets = out.pop("offset_mapping").tolist()
-    replacements = out.pop("text_replacement_offsets", None)
-    if replacements is None and any(images):
-        raise DataFormatError(
-            f"{type(processor).__name__} does not report where it expands image placeholders "
-            "(return_text_replacement_offsets), so assistant turns cannot be located among the image tokens"
-        )
-    input_ids, attention_mask = out["input_ids"], out["attention_mask"]
+    marks = _marked_tokens(processor, out, kwargs["text"], [s.spans for s in samples], kwargs.get("images"),
+                           [s.record for s in samples])
+    out.pop("offset_mapping")
+    out.pop("text_replacement_offsets", None)
+    input_ids = out["input_ids"]
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for row, sample in enumerate(samples):
-        start, n = int(attention_mask[row].argmax()), int(attention_mask[row].sum())  # either padding side
-        moved = replacements[row] if replacements else []
-        spans = [(_expand(s, moved), _expand(e, moved)) for s, e in sample.spans]
-        trained = tokens_in_spans(offsets[row][start : start + n], spans)
+    for row, (start, trained) in enumerate(marks):
+        n = len(trained)
         _, shifted = shift_for_causal_lm(input_ids[row, start : start + n].tolist(), trained)
         labels[row, start : start + n - 1] = torch.tensor(shifted, dtype=labels.dtype)
     labels[torch.isin(labels, skipped_ids.to(labels.dtype))] = IGNORE_INDEX
     out["labels"] = labels
+    if _is_prefix_lm(processor):
+        _mark_suffix(out, marks)
     return out
 
 
@@ -411,7 +545,16 @@ class ImageTextDataModule(CausalLMDataModule):
                 f"ImageTextDataModule needs a multimodal processor with an image processor and a tokenizer, got "
                 f"{type(processor).__name__}"
             )
-        chat_template_or_error(processor, "the processor")
+        try:
+            chat_template_or_error(processor, "the processor")
+        except DataFormatError as e:
+            if not _is_prefix_lm(processor):
+                raise
+            raise DataFormatError(
+                f"{e}. {type(processor).__name__} checkpoints (PaliGemma's) ship without one: set "
+                "processor.chat_template to a template in PaliGemma's layout (images and prompt, a newline; the "
+                "answer and EOS), such as hfbridge.models.tiny_image_text.TEMPLATES['paligemma']"
+            ) from None
         self.processor = processor
         super().__init__(
             processor.tokenizer, train_data, val_data, data_format="messages", max_length=max_length,

@@ -8,6 +8,7 @@ the loss (normalised per label token of the optimizer step), validation and savi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -25,6 +26,19 @@ from hfbridge.optim import OptimizerConfig
 log = logging.getLogger(__name__)
 
 
+class _static_on_class:
+    """A method that is static when called on the class (``Class.method(x)``, the seed's ``@staticmethod``) and
+    bound when called on an instance (``instance.method(x=None)``): the function gets ``None`` or the instance
+    as its first argument."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance, owner=None) -> Callable:
+        return functools.partial(self.function, instance)
+
+
 class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
     """A Lightning module around any Hugging Face image-text-to-text (vision-language) model.
 
@@ -32,8 +46,9 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         model_name: a hub id, a local HF folder, or a ``PreTrainedModel`` (then pass ``processor``). The seed's
             default ``'gpt2'`` is neither a vision-language model nor loadable without a hub, so the default is
             ``'tiny-random-vlm'``: a tiny LLaVA-architecture model with **random weights**, built once into the
-            hfbridge cache, which shows the pipeline working (``tiny-random-vlm-idefics3`` and
-            ``tiny-random-vlm-gemma3`` are the other tested families). Real weights come from a hub id or a folder.
+            hfbridge cache, which shows the pipeline working (``tiny-random-vlm-idefics3``, ``-gemma3``,
+            ``-paligemma`` and ``-mllama`` are the other tested families). Real weights come from a hub id or a
+            folder.
         load_pretrained_weights: load the weights, or build the architecture from its config with random ones.
         processor: a Hugging Face processor (tokenizer, image processor, chat template); ``None`` loads the
             model's own (:meth:`configure_processor`).
@@ -42,13 +57,15 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
         trust_remote_code: run code shipped with the model; off unless asked for.
         default_dtype: ``"auto"`` (default) is float32 on CPU and bfloat16 on GPUs that support it. The seed's
             default bfloat16 was measured 40x slower than float32 on CPU, hence the change.
-        load_in_4bit: bitsandbytes NF4 weights; with a LoRA transform this is QLoRA.
+        load_in_4bit: bitsandbytes NF4 weights for the language model; the vision tower, the projector and the
+            output head stay in full precision (:func:`full_precision_modules`). With a LoRA transform this is QLoRA.
 
     hfbridge's own: ``freeze_language_model`` / ``freeze_vision_tower`` (no parameter of the language model and
     its output head, or of the vision tower, is trained; adapters inside them included), and the causal-LM
     module's ``model_accelerator``, ``attn_implementation``, ``optim``, ``chunked_loss``,
-    ``activation_checkpointing``, ``compile``, ``liger``, and ``device_mesh`` / ``parallel`` (FSDP2 over a ``(dp, fsdp, tp, sp)`` mesh, as for causal LMs; see
-    docs/distributed.md).
+    ``activation_checkpointing``, ``compile``, ``liger``, and ``device_mesh`` / ``parallel`` (FSDP2 and tensor
+    parallelism over a ``(dp, fsdp, tp, sp)`` mesh, as for causal LMs; see docs/distributed.md and
+    docs/image_text.md).
 
     Batches are what :class:`hfbridge.data.image_text.ImageTextDataModule` serves: the processor's outputs
     (``input_ids``, ``attention_mask``, ``pixel_values``, ...) plus ``labels`` and ``num_label_tokens``.
@@ -133,11 +150,21 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
             tokenizer.pad_token = tokenizer.eos_token
         return processor
 
+    @_static_on_class
     def extract_skipped_token_ids(self, tokenizer=None) -> torch.IntTensor:
         """Token ids never trained as targets (image, video, padding and structural special tokens; never the
-        end-of-turn token), derived from this module's processor, or from ``tokenizer`` when it is another one.
-        See :func:`hfbridge.data.image_text.skipped_token_ids` (reached through :mod:`hfbridge.models.hooks`)."""
-        if tokenizer is None or tokenizer is self.processor.tokenizer:
+        end-of-turn token). See :func:`hfbridge.data.image_text.skipped_token_ids` (reached through
+        :mod:`hfbridge.models.hooks`).
+
+        As in the seed, a static method of the class: ``HFAutoModelForImageTextToText.extract_skipped_token_ids(
+        tokenizer)`` takes a tokenizer or a processor. On a module, ``tokenizer`` is optional: without it (or given
+        this module's own tokenizer) the ids come from this module's processor, which also names its image tokens.
+        """
+        if tokenizer is None:
+            if self is None:
+                raise TypeError("extract_skipped_token_ids() called on the class needs a tokenizer or a processor")
+            return hooks.skipped_token_ids(self.processor)
+        if self is not None and tokenizer is self.processor.tokenizer:
             return hooks.skipped_token_ids(self.processor)
         return hooks.skipped_token_ids(tokenizer)
 
@@ -161,16 +188,63 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
                 head.requires_grad_(False)
 
     def _load_model(self, auto_class=None, model_name=None) -> nn.Module:
+        """The model; a 4-bit one keeps its vision tower and projector in full precision
+        (:func:`full_precision_modules`)."""
         from transformers import AutoModelForImageTextToText
 
-        name = self.model_name if model_name is None else model_name
-        return super()._load_model(auto_class or AutoModelForImageTextToText, resolve_image_text_name(name))
+        auto_class = auto_class or AutoModelForImageTextToText
+        name = resolve_image_text_name(self.model_name if model_name is None else model_name)
+        if not self.load_in_4bit or not self.load_pretrained_weights or self._device_mesh is not None:
+            return super()._load_model(auto_class, name)  # (a mesh refuses 4-bit weights; so does a random init)
+        path = loading.resolve_model_path(name, self.trust_remote_code)
+        with torch.device("meta"):  # the architecture alone, to name its modules
+            skeleton = auto_class.from_config(loading.load_config(path, self.trust_remote_code),
+                                              trust_remote_code=self.trust_remote_code)
+        keep = full_precision_modules(skeleton)
+        log.info("4-bit: keeping %s in full precision", ", ".join(keep))
+        return loading.load_pretrained_model(
+            path, auto_class=auto_class, dtype=self.default_dtype, attn_implementation=self.attn_implementation,
+            load_in_4bit=True, trust_remote_code=self.trust_remote_code, quantization_skip_modules=keep,
+        )
 
     def _preprocessor(self):
         """The processor (tokenizer, image processor, chat template), saved beside the model."""
         if self._processor is not None or not isinstance(self.model_name, nn.Module):
             return self.processor
         return None
+
+
+def full_precision_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of a vision-language model that a 4-bit load keeps in full precision (bitsandbytes'
+    ``llm_int8_skip_modules``), found from the model rather than listed per family:
+
+    * the vision tower: transformers' ``get_encoder(modality="image")``;
+    * the projector (connector) between it and the language model: every other child, holding parameters, of the
+      module that holds the language model (``get_decoder()``): LLaVA's ``multi_modal_projector``, Idefics3's
+      ``connector``, ...;
+    * transformers' own defaults, which an explicit list replaces: the output head, tied weights and the last
+      module (``transformers.quantizers.base.get_keys_to_not_convert``).
+
+    The language model's linear layers are what 4-bit quantizes; a model whose vision tower cannot be found keeps
+    only the defaults (with a warning).
+    """
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    names = {id(m): name for name, m in model.named_modules()}
+    keep = list(get_keys_to_not_convert(model))
+    try:
+        decoder, tower = model.get_decoder(), model.get_encoder(modality="image")
+    except (AttributeError, TypeError, ValueError):  # remote code without transformers' accessors
+        decoder = tower = None
+    if decoder is None or tower is None or decoder is model or tower is model or id(tower) not in names:
+        log.warning("4-bit: cannot find the vision tower and language model of %s; every linear layer but the "
+                    "output head is quantized", type(model).__name__)
+        return sorted(set(keep))
+    holder = next(m for m in model.modules() if any(child is decoder for child in m.children()))
+    keep.append(names[id(tower)])
+    keep += [names[id(child)] for child in holder.children()
+             if child is not decoder and child is not tower and any(True for _ in child.parameters())]
+    return sorted(set(keep))
 
 
 # --------------------------------------------------------------------------------------------------- generation

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -193,8 +194,13 @@ def require_bitsandbytes() -> None:
         )
 
 
-def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, compute_dtype=torch.float32):
-    """A transformers ``BitsAndBytesConfig`` (NF4 with double quantization for 4-bit), or None."""
+def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, compute_dtype=torch.float32,
+                        skip_modules: Sequence[str] | None = None):
+    """A transformers ``BitsAndBytesConfig`` (NF4 with double quantization for 4-bit), or None.
+
+    ``skip_modules``: names of modules kept in full precision (bitsandbytes' ``llm_int8_skip_modules``, for 4-bit
+    too). Given, they replace transformers' default skips (the output head, tied weights), so list those as well.
+    """
     if not (load_in_4bit or load_in_8bit):
         return None
     if load_in_4bit and load_in_8bit:
@@ -202,13 +208,15 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False, 
     require_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(skip_modules)} if skip_modules else {}
     if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **skip,
     )
 
 
@@ -262,6 +270,16 @@ def _from_config_with_attention_fallback(auto_class, config, attn_implementation
         return auto_class.from_config(config, attn_implementation="eager", **kwargs)
 
 
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference layout. On a CPU with AVX512-BF16 a 4-bit layer that runs once in eval
+    mode without gradients (the loss's head-split probe, scoring before training) repacks its weights for a kernel
+    that has no backward, for good: every later gradient that must pass through it is silently lost (measured: a tiny
+    LLaVA's vision-tower LoRA gradients were all zero; a tiny Llama's layer-0 q_proj adapter gradient was zero)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_pretrained_model(
     model_name: str | os.PathLike,
     *,
@@ -273,16 +291,19 @@ def load_pretrained_model(
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
     device_map=None,
+    quantization_skip_modules: Sequence[str] | None = None,
 ):
     """Load a Hugging Face model from any name :func:`resolve_model_path` understands.
 
     With ``load_pretrained_weights=False`` the architecture is built from its config with random weights.
+    ``quantization_skip_modules``: modules a 4/8-bit load keeps in full precision (see :func:`quantization_config`).
     """
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
     torch_dtype = resolve_dtype(dtype)
-    quant = quantization_config(load_in_4bit, load_in_8bit, compute_dtype=torch_dtype)
+    quant = quantization_config(load_in_4bit, load_in_8bit, compute_dtype=torch_dtype,
+                                skip_modules=quantization_skip_modules)
     path = resolve_model_path(model_name, trust_remote_code)
     if not load_pretrained_weights:
         if quant is not None:
@@ -297,7 +318,10 @@ def load_pretrained_model(
         kwargs["device_map"] = device_map or ("auto" if torch.cuda.is_available() else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    return _from_pretrained_with_attention_fallback(auto_class, path, attn_implementation, **kwargs)
+    model = _from_pretrained_with_attention_fallback(auto_class, path, attn_implementation, **kwargs)
+    if quant is not None:
+        keep_4bit_layers_differentiable(model)
+    return model
 
 
 def load_tokenizer(model_name: str | os.PathLike, trust_remote_code: bool = False):

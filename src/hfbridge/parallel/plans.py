@@ -149,12 +149,36 @@ def resolve_plan(model: nn.Module, rules: Sequence[tuple[str, Any]] | None = Non
     family = model_type(model)
     if family in BUILTIN_PLANS:
         return expand_plan(model, BUILTIN_PLANS[family]), f"hfbridge's built-in {family} plan"
+    parts = _vision_language_parts(model)
+    scope, vlm_note = "", ""
+    if parts is not None:
+        decoder, tower = parts
+        scope = "^" + re.escape(decoder + ".") + ".*"
+        vlm_note = (f" For a vision-language model the plan splits its language model ({decoder}); the vision tower "
+                    f"({tower}) and the projector stay replicated.")
     raise PlanError(
         f"{type(model).__name__} (model_type {family!r}) has no tensor-parallel plan: transformers gives it no "
-        f"tp_plan and hfbridge has built-in plans for {', '.join(BUILTIN_PLANS)} only. Pass partition rules, e.g. "
-        "ParallelConfig(partition_rules=[(r'q_proj|k_proj|v_proj|gate_proj|up_proj', 'colwise'), "
-        "(r'o_proj|down_proj', 'rowwise'), (r'.*', 'replicate')])"
+        f"tp_plan and hfbridge has built-in plans for {', '.join(BUILTIN_PLANS)} only.{vlm_note} Pass partition "
+        f"rules, e.g. ParallelConfig(partition_rules=[(r'{scope}(q_proj|k_proj|v_proj|gate_proj|up_proj)', "
+        f"'colwise'), (r'{scope}(o_proj|down_proj)', 'rowwise'), (r'.*', 'replicate')]); they work only if the "
+        "model's attention reshapes with the heads its rank holds (transformers gives a tp_plan to the models whose "
+        "attention does)"
     )
+
+
+def _vision_language_parts(model: nn.Module) -> tuple[str, str] | None:
+    """The module names of a vision-language model's language model and vision tower (transformers'
+    ``get_decoder()`` and ``get_encoder(modality="image")``), or None for other models."""
+    if getattr(getattr(model, "config", None), "vision_config", None) is None:
+        return None
+    try:
+        decoder, tower = model.get_decoder(), model.get_encoder(modality="image")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    names = {id(m): n for n, m in model.named_modules() if n}
+    if id(decoder) not in names or id(tower) not in names:
+        return None
+    return names[id(decoder)], names[id(tower)]
 
 
 def check_divisibility(config, model_parallel_size: int) -> None:
