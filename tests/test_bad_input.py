@@ -120,3 +120,16 @@ def test_a_missing_tokenizer_does_not_cost_the_trained_weights(tiny_model_dir, t
     with pytest.raises(OutputExistsError):  # the library's saves refuse a non-empty folder unless told
         module.save_pretrained(tmp_path / "saved")
     module.save_pretrained(tmp_path / "saved", overwrite=True)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+    (["--sample", "--temperature", "0"], "--temperature must be above 0 to sample"),
+])
+def test_generate_options_are_checked_before_loading(argv, message, capsys, monkeypatch):
+    from hfbridge.models import loading
+
+    monkeypatch.setattr(loading, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main(["generate", "--model", "x", "--prompt", "hi", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "hfbridge"
 
 # What hfbridge.models must not import: the layers and faces above it, and the test helpers.
-ABOVE_MODELS = ("parallel", "adapters", "declarative", "data", "recipe", "cli", "jax",
+ABOVE_MODELS = ("parallel", "adapters", "declarative", "data", "recipe", "serving", "cli", "jax",
                 "testing")
 
 # Imports that break these rules and are someone else's to remove; shrink this, never grow it.

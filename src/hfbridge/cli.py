@@ -3,6 +3,7 @@
     hfbridge finetune [--config recipe.yaml] [--model M] [--data train.jsonl] [--output DIR] [--set k=v] ...
                                                                             fine-tune (LoRA by default)
     hfbridge generate --model DIR --prompt "..." [--prompt ...]            generate with a saved model
+    hfbridge serve --model DIR [--port 8000] [--api-key KEY]                OpenAI-compatible HTTP server
     hfbridge demo-data --output DIR                                         write the bundled demo task
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -55,6 +57,51 @@ def _demo_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP: OpenAI-compatible /v1/chat/completions and /v1/completions",
+        description="Serve any model hfbridge loads (a finetune or declarative run folder, a model or adapter folder, "
+                    "a .gguf file, the embedded alias) with OpenAI-compatible endpoints; concurrent requests are "
+                    "decoded together. A declarative run folder (or --config) adds /predict. See docs/serving.md.")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="a run folder, model folder, adapter folder, .gguf file or the embedded alias")
+    group.add_argument("--config", help="a declarative config whose base model is served as it is (with /predict)")
+    p.add_argument("--model-id", help="the model name clients see (default: the folder or file name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only; any other needs a key)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--api-key", default=os.environ.get("HFBRIDGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $HFBRIDGE_API_KEY)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the GPU when there is one)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-new-tokens", type=_positive(int), default=512, help="the most tokens one choice may ask for")
+    limits.add_argument("--max-n", type=_positive(int), default=8, help="the most choices (n) one request may ask for")
+    limits.add_argument("--max-batch-size", type=_positive(int), default=16, help="rows decoded together")
+    limits.add_argument("--batch-wait-ms", type=float, default=20.0,
+                        help="a batch starts when no request came for this long (at most 5x after its first)")
+    limits.add_argument("--max-queue", type=_positive(int), default=256,
+                        help="requests waiting for the model; more get a 503")
+    limits.add_argument("--workers", type=_positive(int), default=2, help="threads that encode prompts")
+    limits.add_argument("--request-timeout", type=_positive(float), default=300.0,
+                        help="seconds a request may take; past it a 504, and its generation stops")
+    limits.add_argument("--read-timeout", type=_positive(float), default=30.0,
+                        help="seconds a client has to send its request (headers and body)")
+    limits.add_argument("--max-body-bytes", type=_positive(int), default=1 << 20)
+    limits.add_argument("--max-records", type=_positive(int), default=256, help="records in one /predict request")
+    limits.add_argument("--max-connections", type=_positive(int), default=512,
+                        help="open connections; more are answered 503 and closed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfbridge", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_parser(sub)
     _generate_parser(sub)
     _demo_parser(sub)
-    declarative_cli.add_parsers(sub)  # train | predict | evaluate | serve | llm-data (declarative configs)
+    _serve_parser(sub)
+    declarative_cli.add_parsers(sub)  # train | predict | evaluate | llm-data (declarative configs)
     return parser
 
 
@@ -94,6 +142,11 @@ def cmd_generate(args) -> int:
     from hfbridge.generation import generate
     from hfbridge.models.loading import load_for_inference
 
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.sample and not args.temperature > 0:
+        raise ValueError(f"--temperature must be above 0 to sample, got {args.temperature}")
     model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
     use_chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
     prompts = []
@@ -119,7 +172,20 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "demo-data": cmd_demo_data,
+def cmd_serve(args) -> int:
+    from hfbridge.serving.app import ServeSettings
+    from hfbridge.serving.server import serve
+
+    settings = ServeSettings(
+        api_key=args.api_key or None, max_new_tokens=args.max_new_tokens, max_n=args.max_n,
+        max_batch_size=args.max_batch_size, batch_wait_ms=max(args.batch_wait_ms, 0.0), max_queue=args.max_queue,
+        workers=args.workers, request_timeout=args.request_timeout, read_timeout=args.read_timeout,
+        max_body_bytes=args.max_body_bytes, max_records=args.max_records, max_connections=args.max_connections)
+    return serve(args.model, args.config, settings, host=args.host, port=args.port, device=args.device,
+                 dtype=args.dtype, trust_remote_code=args.trust_remote_code, model_id=args.model_id)
+
+
+COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "demo-data": cmd_demo_data, "serve": cmd_serve,
             **declarative_cli.COMMANDS}
 
 

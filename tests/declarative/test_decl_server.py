@@ -1,4 +1,5 @@
-"""``hfbridge serve``'s server on an ephemeral localhost port, spoken to with a real HTTP client (urllib)."""
+"""``hfbridge serve`` of a declarative run folder: ``/predict`` beside the OpenAI endpoints, on an ephemeral
+localhost port, spoken to with a real HTTP client (urllib)."""
 
 import json
 import urllib.error
@@ -8,16 +9,17 @@ import pytest
 from decl_helpers import LABELS, make_config, review_rows
 
 from hfbridge.declarative import LLM
-from hfbridge.declarative.server import LLMServer, ServerLimits
+from hfbridge.serving import ServeSettings, open_served_model, start_server
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    llm = LLM(make_config(tiny_model_dir, "category"), random_seed=0, device="cpu")
-    server = LLMServer(llm, "127.0.0.1", 0, model_id="tiny", limits=ServerLimits(max_body_bytes=4096, max_records=4,
-                                                                                   max_new_tokens=8)).start()
+def server(tiny_model_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("decl-run")
+    LLM(make_config(tiny_model_dir, "category"), random_seed=0, device="cpu").save(run / "model")
+    served = open_served_model(str(run), device="cpu", model_id="tiny")  # the run folder, as `serve --model`
+    server = start_server(served, ServeSettings(max_body_bytes=4096, max_records=4, max_new_tokens=8))
     yield server
-    server.shutdown()
+    server.stop()
 
 
 def _call(server, path, body=None, raw: bytes | None = None):
@@ -44,10 +46,12 @@ def test_predict_returns_a_label_and_every_probability(server):
     row = body["predictions"][0]
     assert row["sentiment_predictions"] in LABELS
     assert sum(row[f"sentiment_probabilities_{label}"] for label in LABELS) == pytest.approx(1.0)
-    expected = server.service.llm.predict(review_rows(3))
+    expected = server.app.state.served.served.llm.predict(review_rows(3))
     assert [r["sentiment_predictions"] for r in body["predictions"]] == [r["sentiment_predictions"] for r in expected]
     status, body = _call(server, "/predict", {"review": "it was fine"})  # one record
     assert status == 200 and len(body["predictions"]) == 1
+    status, body = _call(server, "/predict", review_rows(2))  # a list of records
+    assert status == 200 and len(body["predictions"]) == 2
 
 
 def test_openai_compatible_chat_completions(server):
@@ -71,10 +75,8 @@ def test_openai_compatible_chat_completions(server):
         ("/predict", [1, 2], 400, "expected"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 99}, 400,
          "above this server's limit of 8"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400,
-         "streaming is not supported"),
-        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]"),
-        ("/nothing", {}, 404, "no endpoint /nothing"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+        ("/nothing", {}, 404, "no endpoint POST /nothing"),
         ("/predict", {"records": [{"review": "x" * 5000}]}, 413, "the limit is 4096"),
     ],
 )
@@ -86,3 +88,15 @@ def test_bad_requests_get_clear_errors(server, path, body, status, message):
 def test_a_body_that_is_not_json_is_a_400(server):
     status, payload = _call(server, "/predict", raw=b"{not json")
     assert status == 400 and "not valid JSON" in payload["error"]["message"]
+
+
+def test_a_config_alone_serves_its_base_model_with_predict(tiny_model_dir, tmp_path):
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(make_config(tiny_model_dir, "category")))
+    served = open_served_model(config=str(config), device="cpu")
+    assert served.llm is not None and served.model_id == served.llm.model_name
+    with start_server(served) as server:
+        status, body = _call(server, "/predict", {"records": review_rows(1)})
+    assert status == 200 and body["predictions"][0]["sentiment_predictions"] in LABELS

@@ -1,5 +1,6 @@
 """hfbridge's declarative face (seed 003): a YAML config describes an LLM task; :class:`LLM` trains, generates,
-scores, saves and loads it; ``hfbridge train | predict | evaluate | serve`` run it from the shell.
+scores, saves and loads it; ``hfbridge train | predict | evaluate | serve`` run it from the shell
+(``serve``: :mod:`hfbridge.serving`).
 
 Names are imported on first use, so that the command line starts without loading the model stack.
 """
@@ -16,7 +17,6 @@ _EXPORTS = {
     "LLMConfig": "hfbridge.declarative.schema",
     "load_config": "hfbridge.declarative.schema",
     "parse_config": "hfbridge.declarative.schema",
-    "LLMServer": "hfbridge.declarative.server",
 }
 
 __all__ = sorted(_EXPORTS)

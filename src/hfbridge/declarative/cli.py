@@ -1,12 +1,12 @@
-"""Command-line face of declarative configs: ``hfbridge train | predict | evaluate | serve | llm-data``.
+"""Command-line face of declarative configs: ``hfbridge train | predict | evaluate | llm-data``.
 
     hfbridge train --config c.yaml --data d.csv    [--output runs/llm]      fine-tune (or zero/few-shot) and score
     hfbridge predict --model runs/llm --data d.csv [--output p.csv]       predictions for every record
     hfbridge evaluate --model runs/llm --data d.csv [--split test]        a metrics table, and JSON on disk
-    hfbridge serve --model runs/llm [--port 8000]                            /predict and /v1/chat/completions
     hfbridge llm-data --task dates|tickets --output d.csv                    the example data sets
 
-``--config`` instead of ``--model`` uses the config's base model as it is (zero- or few-shot).
+``--config`` instead of ``--model`` uses the config's base model as it is (zero- or few-shot). ``hfbridge serve``
+(:mod:`hfbridge.serving`, wired in :mod:`hfbridge.cli`) serves a declarative run folder too, with ``/predict``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="a folder written by hfbridge train (or LLM.save)")
     group.add_argument("--config", help="a config whose base model is used as it is (zero- or few-shot)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the GPU when there is one)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code shipped with the model (a saved folder's own setting is never obeyed)")
 
 
 def add_parsers(sub) -> None:
@@ -35,6 +37,11 @@ def add_parsers(sub) -> None:
                    help="split, few-shot and training seed (--random-seed: the same)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the GPU when there is one)")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+    p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=None,
+                   help="train on this many processes, started with torchrun (the recipe's parallel.nproc_per_node)")
+    p.add_argument("--sharding-axis-dims", dest="sharding_axis_dims", default=None,
+                   help="mesh sizes dp,fsdp,tp,sp; one -1 is inferred from the world size (1,-1,1,1: FSDP2 over "
+                        "all processes; see docs/distributed.md)")
 
     p = sub.add_parser("predict", help="predict with a trained declarative LLM")
     _model_args(p)
@@ -49,13 +56,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="all", choices=SPLITS, help="which split of the data (default: all rows)")
     p.add_argument("--output", default="evaluation.json", help="the metrics JSON (a confusion matrix PNG beside)")
 
-    p = sub.add_parser("serve", help="serve a declarative LLM over HTTP (/predict, /v1/chat/completions)")
-    _model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens one request may ask for")
-    p.add_argument("--max-records", type=int, default=256, help="the most records one /predict request may hold")
-
     p = sub.add_parser("llm-data", help="write an example data set (dates: text output; tickets: category)")
     p.add_argument("--task", required=True, choices=["dates", "tickets"])
     p.add_argument("--output", required=True, help=".csv, .jsonl or .parquet")
@@ -67,39 +67,25 @@ def add_parsers(sub) -> None:
 def cmd_train(args) -> int:
     from hfbridge.declarative.run import train_job
 
-    train_job(args.config, args.dataset, args.output, args.overwrite, args.random_seed, args.device,
-              args.progress_bar)
-    return 0
+    parallel = {"nproc_per_node": args.nproc_per_node, "sharding_axis_dims": args.sharding_axis_dims}
+    result = train_job(args.config, args.dataset, args.output, args.overwrite, args.random_seed, args.device,
+                       args.progress_bar, parallel, getattr(args, "_argv", None))
+    return result.exit_code
 
 
 def cmd_predict(args) -> int:
     from hfbridge.declarative.run import predict_job
 
-    predict_job(args.model, args.config, args.dataset, args.output, args.split, args.device, args.overwrite)
+    predict_job(args.model, args.config, args.dataset, args.output, args.split, args.device, args.overwrite,
+                args.trust_remote_code)
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from hfbridge.declarative.run import evaluate_job
 
-    evaluate_job(args.model, args.config, args.dataset, args.output, args.split, args.device)
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from hfbridge.declarative.run import open_llm, say
-    from hfbridge.declarative.server import LLMServer, ServerLimits
-
-    llm = open_llm(args.model, args.config, args.device)
-    limits = ServerLimits(max_new_tokens=args.max_new_tokens, max_records=args.max_records)
-    server = LLMServer(llm, args.host, args.port, model_id=args.model or llm.model_name, limits=limits)
-    say(f"serving on {server.url} (POST /predict, POST /v1/chat/completions, GET /health); Ctrl-C stops")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
+    evaluate_job(args.model, args.config, args.dataset, args.output, args.split, args.device,
+                 args.trust_remote_code)
     return 0
 
 
@@ -112,5 +98,4 @@ def cmd_llm_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve,
-            "llm-data": cmd_llm_data}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "llm-data": cmd_llm_data}

@@ -252,13 +252,14 @@ def _select(dataset: str | Path, cfg: LLMConfig, split: str, seed: int, need_tar
 
 
 def predict_job(model: str | None, config: str | None, dataset: str | Path, output: str | Path,
-                split: str = "all", device: str | None = None, overwrite: bool = False) -> Path:
+                split: str = "all", device: str | None = None, overwrite: bool = False,
+                trust_remote_code: bool = False) -> Path:
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--output {output}: unknown file type {output.suffix!r}; use .csv, .jsonl or .parquet")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
-    llm = open_llm(model, config, device)
+    llm = open_llm(model, config, device, trust_remote_code=trust_remote_code)
     records = _select(dataset, llm.config_obj, split, llm._random_seed, need_target=False)
     t0 = time.time()
     predictions = llm.predict(records, progress=True)
@@ -273,9 +274,9 @@ def predict_job(model: str | None, config: str | None, dataset: str | Path, outp
 
 
 def evaluate_job(model: str | None, config: str | None, dataset: str | Path, output: str | Path,
-                 split: str = "all", device: str | None = None) -> dict:
+                 split: str = "all", device: str | None = None, trust_remote_code: bool = False) -> dict:
     """Metrics on screen (a table) and on disk (JSON; a confusion matrix PNG beside it for a category)."""
-    llm = open_llm(model, config, device)
+    llm = open_llm(model, config, device, trust_remote_code=trust_remote_code)
     records = _select(dataset, llm.config_obj, split, llm._random_seed, need_target=True)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

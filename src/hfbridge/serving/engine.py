@@ -1,0 +1,241 @@
+"""Rows (one choice of one request) decoded together through hfbridge's one decoding loop.
+
+A batch of rows is one call of :func:`hfbridge.generation.generate_batched` (so one ``model.generate``), greedy.
+Two public hooks of ``generate`` make the rows independent of each other:
+
+* a logits processor samples each sampled row with its own temperature, ``top_p`` and random generator (seeded
+  by the request's ``seed``: the same request gives the same text whatever else shares its batch) and leaves only
+  the chosen token, which greedy selection then takes; greedy rows are left alone;
+* a stopping criterion sees every new token: it ends a row at an end-of-sequence token, at its own
+  ``max_tokens``, at a ``stop`` string (found in the decoded text, so across token boundaries), when its request
+  was cancelled (the client went away) or when its deadline passed; it streams the text that can no longer change.
+  A finished row takes no more tokens; when every row is finished ``generate`` returns.
+
+The tokenizer is used only under :attr:`Engine.lock` (a fast tokenizer shared by threads raises "Already
+borrowed").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from hfbridge.data.formats import pad_id
+from hfbridge.generation import Prompt, generate_batched, left_pad, prompt_ids, stop_ids
+from hfbridge.models.loading import context_length
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """What a row reports to its request: ``delta`` (streamed text), ``end`` (the final text and why it ended),
+    or ``error``."""
+
+    kind: str
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+class Row:
+    """One choice being generated: its prompt ids, limits and sampling settings, and what came of it so far."""
+
+    def __init__(self, prompt: list[int], max_tokens: int, *, index: int = 0, stops: Sequence[str] = (),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = False,
+                 deadline: float = math.inf, sink: Callable[[Event], None] | None = None):
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.index = index
+        self.stops = list(stops)
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = secrets.randbits(63) if seed is None else (seed * 1_000_003 + index) % 2**63
+        self.stream = stream
+        self.deadline = deadline
+        self.sink = sink
+        self.tokens: list[int] = []
+        self.sent = ""  # text already streamed
+        self.text: str | None = None
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self._generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    def cancel(self) -> None:
+        """Drop this row from decoding at the next step (or before it starts)."""
+        self.cancelled = True
+
+    def emit(self, event: Event) -> None:
+        if self.sink is not None:
+            self.sink(event)
+
+    def fail(self, message: str) -> None:
+        if not self.finished:
+            self.finish_reason = "error"
+            self.emit(Event("error", self.index, text=message))
+
+    def sample(self, scores: torch.Tensor) -> int:
+        """A token drawn from ``scores`` (one row's logits) with this row's temperature, top_p and generator."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probs = torch.softmax(scores / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < self.top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+def stable_prefix(text: str, stops: Sequence[str]) -> str:
+    """The part of ``text`` that more tokens cannot change: without a trailing incomplete character (decoded as
+    U+FFFD) and without a tail that could be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return text[: len(text) - hold]
+
+
+class Engine:
+    """The model and its tokenizer, shared by every request: encodes prompts and decodes batches of rows."""
+
+    def __init__(self, model, tokenizer, *, generate_kwargs: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lock = threading.RLock()
+        self.pad = pad_id(tokenizer)
+        self.stops = stop_ids(tokenizer, model)
+        self.context = context_length(model.config) if hasattr(model, "config") else None
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size = int(embeddings.weight.shape[0]) if embeddings is not None else len(tokenizer)
+        self.generate_kwargs = dict(generate_kwargs or {})
+        self.generate_calls = 0
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Prompt ids exactly as training renders them (:func:`hfbridge.generation.prompt_ids`)."""
+        with self.lock:
+            return prompt_ids(self.tokenizer, prompt)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def run(self, rows: list[Row]) -> None:
+        """Decode ``rows`` as one batch (one ``generate`` call); every row ends with an ``end`` event."""
+        batch = _Batch(self, rows)
+
+        def make_inputs(part: list[Row]) -> dict:
+            batch.order = part
+            ids, mask = left_pad([r.prompt for r in part], self.pad)
+            return {"input_ids": ids, "attention_mask": mask}
+
+        self.generate_calls += 1
+        generate_batched(
+            self.model, rows, [len(r.prompt) for r in rows], make_inputs,
+            max_new_tokens=max(r.max_tokens for r in rows), batch_size=len(rows), pad_token_id=self.pad,
+            stops=self.stops, do_sample=False, logits_processor=LogitsProcessorList([_Sampler(batch)]),
+            stopping_criteria=StoppingCriteriaList([_Tracker(batch)]), **self.generate_kwargs,
+        )
+        for row in rows:  # generate stopped at its own limits first (the model's max_length, say)
+            if not row.finished:
+                batch.finish(row, "length")
+
+
+class _Batch:
+    """The rows of one ``generate`` call, in the order of its batch rows, and what each step does to them."""
+
+    def __init__(self, engine: Engine, rows: list[Row]):
+        self.engine = engine
+        self.order = rows
+
+    def step(self, new_tokens: list[int]) -> list[bool]:
+        now = time.monotonic()
+        for row, token in zip(self.order, new_tokens):
+            if row.finished:
+                continue
+            if row.cancelled:
+                self.finish(row, "cancelled")
+            elif token in self.engine.stops:
+                self.finish(row, "stop")
+            else:
+                row.tokens.append(token)
+                self.advance(row)
+                if not row.finished and len(row.tokens) >= row.max_tokens:
+                    self.finish(row, "length")
+                elif not row.finished and now > row.deadline:
+                    self.finish(row, "timeout")
+        return [row.finished for row in self.order]
+
+    def advance(self, row: Row) -> None:
+        """Look for a stop string in the row's text, and stream what can no longer change."""
+        if not (row.stops or row.stream):
+            return
+        text = self.engine.decode(row.tokens)
+        cuts = [i for i in (text.find(s) for s in row.stops) if i >= 0]
+        if cuts:
+            self.finish(row, "stop", text[: min(cuts)])
+            return
+        if row.stream:
+            safe = stable_prefix(text, row.stops)
+            if len(safe) > len(row.sent) and safe.startswith(row.sent):
+                row.emit(Event("delta", row.index, text=safe[len(row.sent):]))
+                row.sent = safe
+
+    def finish(self, row: Row, reason: str, text: str | None = None) -> None:
+        final = self.engine.decode(row.tokens) if text is None else text
+        if row.stream and len(final) > len(row.sent) and final.startswith(row.sent):
+            row.emit(Event("delta", row.index, text=final[len(row.sent):]))
+            row.sent = final
+        row.text, row.finish_reason = final, reason
+        row.emit(Event("end", row.index, text=final, finish_reason=reason, tokens=len(row.tokens)))
+
+
+class _Sampler(LogitsProcessor):
+    """Samples each sampled row with its own settings and generator; greedy selection then takes that token."""
+
+    def __init__(self, batch: _Batch):
+        self.batch = batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, row in enumerate(self.batch.order):
+            if row.sampled and not row.finished:
+                token = row.sample(scores[i])
+                scores[i] = -math.inf
+                scores[i, token] = 0.0
+        return scores
+
+
+class _Tracker(StoppingCriteria):
+    """Hands each step's new tokens to the batch; a row is done when the batch says so."""
+
+    def __init__(self, batch: _Batch):
+        self.batch = batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = self.batch.step(input_ids[:, -1].tolist())
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
