@@ -80,9 +80,9 @@ def test_a_run_killed_while_writing_leaves_the_old_output_and_its_leftovers_are_
 
 
 def test_a_live_writers_temporary_folder_is_left_alone(tmp_path):
-    live = tmp_path / ".run.tmp-live"
+    live = tmp_path / f".run.tmp-{os.getppid()}-abcd"
     live.mkdir()
-    (live / MARKER).write_text(json.dumps({"pid": os.getppid()}))
+    (live / MARKER).write_text("{}")
     io.clean_stale(tmp_path / "run")
     assert live.exists()
 
@@ -118,3 +118,29 @@ def test_the_atomic_exchange_is_used_where_the_system_has_it(tmp_path, monkeypat
     _write(out, "old")
     _write(out, "new", overwrite=True)
     assert seen == [True] and (out / "weights.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("phase", ["writing", "fsynced", "exchanged"])
+def test_a_sigkill_at_each_phase_of_an_output_save_leaves_the_old_or_the_new_output(tmp_path, phase):
+    """Killed while writing, after the fsync but before the exchange, or after the exchange but before the old copy
+    is removed: the folder holds one complete output, and the next save in the same place cleans up."""
+    out = tmp_path / "run"
+    _write(out, "old")
+    kill = "os.kill(os.getpid(), signal.SIGKILL)"
+    patch = {
+        "writing": "",
+        "fsynced": f"real = io._exchange\nio._exchange = lambda a, b: {kill}",
+        "exchanged": f"real = io._exchange\nimport shutil\nreal_rm = shutil.rmtree\n"
+                     f"io._exchange = lambda a, b: real(a, b)\nshutil.rmtree = lambda *a, **k: {kill}",
+    }[phase]
+    lines = ["import os, signal", "from hfbridge import io", patch,
+             f"with io.atomic_dir({str(out)!r}, overwrite=True) as tmp:",
+             "    (tmp / 'weights.txt').write_text('new')",
+             f"    {kill}" if phase == "writing" else "    pass"]
+    script = "\n".join(lines) + "\n"
+    run = subprocess.run([sys.executable, "-c", script])
+    assert run.returncode == -signal.SIGKILL
+    expected = "new" if phase == "exchanged" else "old"
+    assert (out / "weights.txt").read_text() == expected and (out / MARKER).is_file()
+    _write(out, "next", overwrite=True)
+    assert (out / "weights.txt").read_text() == "next" and not list(tmp_path.glob(".run.*"))

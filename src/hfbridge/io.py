@@ -123,10 +123,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _writer_pid(folder: Path) -> int | None:
-    try:
-        return int(json.loads((folder / MARKER).read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The process that made a temporary folder: named in the folder's name (``.NAME.tmp-PID-XXXX``), which stays
+    the writer's even after an exchange has put the old output inside it."""
+    tail = folder.name.rpartition(_TMP)[2]
+    pid, sep, _ = tail.partition("-")
+    return int(pid) if sep and pid.isdigit() else None
 
 
 def clean_stale(path: str | Path) -> None:
@@ -149,7 +150,7 @@ def clean_stale(path: str | Path) -> None:
 
 
 def _write_marker(folder: Path) -> None:
-    (folder / MARKER).write_text(json.dumps({"writer": "hfbridge", "pid": os.getpid(), "time": time.time()}) + "\n")
+    (folder / MARKER).write_text(json.dumps({"writer": "hfbridge", "time": time.time()}) + "\n")
 
 
 @contextlib.contextmanager
@@ -160,7 +161,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP}", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP}{os.getpid()}-", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
