@@ -205,19 +205,19 @@ def test_64_clients_and_50_slow_drips_leave_it_responsive_with_bounded_threads(m
         payloads = [head + body] * 25 + [body] * 25
         with ThreadPoolExecutor(1, thread_name_prefix="attack-drip") as dripper, \
                 ThreadPoolExecutor(64, thread_name_prefix="attack") as pool:
-            drips = dripper.submit(_drip, sockets, payloads, 8.0)
+            drips = dripper.submit(_drip, sockets, payloads, 20.0)
             asks = [pool.submit(client.chat.completions.create, model=MODEL_ID, max_tokens=8,
                                 messages=[{"role": "user", "content": f"question {i}"}]) for i in range(64)]
             time.sleep(0.3)
             start = time.monotonic()
-            assert raw(server, "GET", "/health", timeout=5)[0] == 200
+            assert raw(server, "GET", "/health", timeout=15)[0] == 200
             health_seconds = time.monotonic() - start
             during = [t for t in threading.enumerate() if t.ident not in before and not t.name.startswith("attack")]
             answers = [a.result(timeout=60) for a in asks]
-            got = drips.result(timeout=30)
+            got = drips.result(timeout=40)
         for sock in sockets:
             sock.close()
-    assert health_seconds < 3
+    assert health_seconds < 10  # answered while under attack (generous: CI's 2 cores run other work too)
     assert len(during) <= 2, [t.name for t in during]  # at most the worker pool's size more threads
     assert all(a.choices[0].message.content is not None for a in answers)
     assert len(got) == 50  # every slow client was cut off by the read timeout ...
