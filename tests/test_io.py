@@ -79,6 +79,14 @@ def test_a_run_killed_while_writing_leaves_the_old_output_and_its_leftovers_are_
     assert (out / "weights.txt").read_text() == "new" and not list(tmp_path.glob(".run.*"))
 
 
+def test_a_folder_without_the_marker_is_never_cleaned_up(tmp_path):
+    foreign = tmp_path / ".run.tmp-999999999-mine"  # looks like a leftover of a dead writer, but is not hfbridge's
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    io.clean_stale(tmp_path / "run")
+    assert (foreign / "notes.txt").exists()
+
+
 def test_a_live_writers_temporary_folder_is_left_alone(tmp_path):
     live = tmp_path / f".run.tmp-{os.getppid()}-abcd"
     live.mkdir()

@@ -138,10 +138,12 @@ def clean_stale(path: str | Path) -> None:
     if not parent.is_dir():
         return
     for leftover in parent.glob(f".{path.name}{_TMP}*"):
+        if not leftover.is_dir() or not (is_hfbridge_output(leftover) or not any(leftover.iterdir())):
+            continue  # only what hfbridge wrote (its marker, or nothing yet) is ever removed
         pid = _writer_pid(leftover)
-        if leftover.is_dir() and (pid is None or (pid != os.getpid() and not _pid_alive(pid))):
-            if pid is not None or time.time() - leftover.stat().st_mtime > 24 * 3600:
-                shutil.rmtree(leftover, ignore_errors=True)
+        dead = pid is not None and pid != os.getpid() and not _pid_alive(pid)
+        if dead or (pid is None and time.time() - leftover.stat().st_mtime > 24 * 3600):
+            shutil.rmtree(leftover, ignore_errors=True)
     for hidden in parent.glob(f".{path.name}{_OLD}*"):
         old = hidden / "x"
         if not path.exists() and is_hfbridge_output(old):
