@@ -146,6 +146,8 @@ def clean_stale(path: str | Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
     for hidden in parent.glob(f".{path.name}{_OLD}*"):
         old = hidden / "x"
+        if not hidden.is_dir() or not (is_hfbridge_output(old) or not any(hidden.iterdir())):
+            continue  # not what hfbridge hid there: left alone
         if not path.exists() and is_hfbridge_output(old):
             os.rename(old, path)
         shutil.rmtree(hidden, ignore_errors=True)

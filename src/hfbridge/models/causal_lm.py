@@ -534,18 +534,18 @@ class HFAutoModelForCausalLM(pl.LightningModule):
             model = self._plan().gather(self)
             if model is None:
                 return path
-        return save_hf_folder(model, path, self._preprocessor(), merged=merged, overwrite=overwrite)
+        try:
+            preprocessor = self._preprocessor()
+        except (OSError, ValueError) as e:  # a missing tokenizer/processor must not cost the trained weights
+            log.warning("saving the weights without a tokenizer: it cannot be loaded (%s)", e)
+            preprocessor = None
+        return save_hf_folder(model, path, preprocessor, merged=merged, overwrite=overwrite)
 
     def _preprocessor(self):
-        """What turns inputs into model inputs (here the tokenizer), saved beside the model; ``None``: nothing (or
-        it cannot be loaded: the weights are saved all the same)."""
+        """What turns inputs into model inputs (here the tokenizer), saved beside the model; ``None``: nothing."""
         if self._tokenizer is None and isinstance(self.model_name, nn.Module):
             return None
-        try:
-            return self.tokenizer
-        except (OSError, ValueError) as e:
-            log.warning("saving the weights without a tokenizer: it cannot be loaded (%s)", e)
-            return None
+        return self.tokenizer
 
 
 def _is_hf_model(model: nn.Module) -> bool:

@@ -92,7 +92,7 @@ def run_identity(cfg: RunConfig, data, data_parallel: int) -> dict:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
     settings = {k: v for k, v in cfg.to_dict().items() if k in ("model", "method", "peft", "quantization", "optim")}
-    settings["data"] = {k: cfg.data.__dict__[k] for k in ("format", "max_length")}
+    settings["data"] = {"format": cfg.data.format, "max_length": cfg.data.max_length}
     settings["seed"] = cfg.train.seed
     return {"config": digest(settings), "training_data": digest(data.train),
             "global_batch": cfg.train.batch_size * data_parallel, "accumulate": cfg.train.accumulate}
