@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax_helpers import FAMILIES, perturb_small_tensors  # noqa: E402
+from jax_helpers import FAMILIES, MORE_FAMILIES, perturb_small_tensors  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def jax_model_dir(tmp_path_factory, jax_tokenizer):
 
     def get(name: str = "llama") -> str:
         if name not in built:
-            spec = dict(FAMILIES[name])
+            spec = dict({**FAMILIES, **MORE_FAMILIES}[name])
             family = spec.pop("family")
             folder = tmp_path_factory.mktemp(name)
             build_tiny_causal_lm(folder, family, tokenizer=jax_tokenizer, **spec)

@@ -32,9 +32,19 @@ _EXPORTS = {
     "QuantizedArray": "hfbridge.jax.quant",
     "quantize_params": "hfbridge.jax.quant",
     "greedy_generate": "hfbridge.jax.generate",
+    "generate": "hfbridge.jax.generate",
+    "filter_logits": "hfbridge.jax.generate",
+    "sample_logits": "hfbridge.jax.generate",
     "masked_cross_entropy": "hfbridge.jax.train",
+    "labels_from_inputs": "hfbridge.jax.train",
     "make_train_step": "hfbridge.jax.train",
+    "add_lora": "hfbridge.jax.lora",
+    "merge_lora": "hfbridge.jax.lora",
+    "lora_optimizer": "hfbridge.jax.lora",
+    "save_lora_adapter": "hfbridge.jax.lora",
+    "save_hf": "hfbridge.jax.export",
     "LlamaForCausalLM": "hfbridge.jax.models.llama",
+    "GPT2LMHeadModel": "hfbridge.jax.models.gpt2",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,11 +19,19 @@ from hfbridge.jax.convert import assemble_params, iter_hf_params
 from hfbridge.jax.mesh import DEFAULT_AXIS_DIMS, DEFAULT_AXIS_NAMES, PartitionAxis, create_mesh, devices_for
 from hfbridge.jax.models import model_class_for
 from hfbridge.jax.quant import QuantizedArray, param_bytes
-from hfbridge.jax.rules import PartitionRules, find_spec, placement_fn, quantized_specs
+from hfbridge.jax.rules import (
+    PartitionRules,
+    axis_renaming,
+    find_spec,
+    placement_fn,
+    quantized_specs,
+    rename_rules,
+)
 
 
 class AutoJaxModelForCausalLM:
-    """Loads Llama-family causal LMs (llama, mistral, qwen2, qwen3) as hfbridge JAX models."""
+    """Loads Hugging Face causal LMs (``SUPPORTED_MODEL_TYPES``: the Llama family, Gemma 1/2/3, Phi-3, GPT-2,
+    Mixtral, Qwen3-MoE) as hfbridge JAX models."""
 
     @classmethod
     def from_pretrained(
@@ -38,7 +46,7 @@ class AutoJaxModelForCausalLM:
         partition_axis: PartitionAxis | None = None,
         shard_attention_computation: bool = True,
         input_shape: Sequence[int] = (1, 1),
-        shard_fns: Mapping[str, Callable] | None = None,
+        shard_fns: Mapping[str | tuple, Callable] | None = None,
         backend: str | None = None,
         config_kwargs: Mapping[str, Any] | None = None,
         auto_shard_params: bool = False,
@@ -60,8 +68,12 @@ class AutoJaxModelForCausalLM:
           of ``backend``); ``partition_axis`` names the axes activations use.
         - ``shard_attention_computation``: sharding constraints inside attention (when the params are sharded).
         - ``input_shape``: ``(batch, seq)`` traced once after loading to check model and params agree.
-        - ``shard_fns``: ``{param_path: fn}`` placing single parameters (wins over the rules);
-          ``auto_shard_params``: shard every parameter by ``partition_rules`` (default: the architecture's).
+        - ``shard_fns``: ``{param_path: fn}`` placing single parameters; keys are ``"a/b/c"`` paths, EasyDeL's
+          flattened tuples ``("model", "layers", "0", ...)`` (a leading ``"params"`` is dropped), dotted paths, or a
+          nested dict like the params. A parameter's shard_fn wins over the rules; the others follow the rules
+          with ``auto_shard_params`` and are replicated over the mesh without it.
+        - ``auto_shard_params``: shard every parameter by ``partition_rules`` (default: the architecture's, written
+          for dp/fsdp/tp/sp and renamed by position to custom ``sharding_axis_names``).
         - ``config_kwargs`` (and any other ``**kwargs`` that are config fields): config overrides.
         - ``load_in_8bit``: int8 per-channel storage of the parameters matching ``bit_targeted_params``
           (regexes, default kernels and embeddings).
@@ -72,7 +84,8 @@ class AutoJaxModelForCausalLM:
         folder = _resolve_folder(pretrained_model_name_or_path, trust_remote_code)
         dtype, param_dtype = resolve_dtype(dtype), resolve_dtype(param_dtype)
         precision = resolve_precision(precision)
-        partition_axis = partition_axis or PartitionAxis()
+        renaming = axis_renaming(sharding_axis_names)
+        partition_axis = partition_axis or PartitionAxis().renamed(renaming)
         device = device if device is not None else jax.devices("cpu")[0]
         mesh = create_mesh(sharding_axis_dims, sharding_axis_names, devices=devices_for(backend))
 
@@ -92,7 +105,10 @@ class AutoJaxModelForCausalLM:
             shard_attention_computation=shard_attention_computation,
         )
         expected = module.param_shapes()
-        rules = tuple(partition_rules) if partition_rules is not None else module.default_partition_rules()
+        if partition_rules is not None:
+            rules = tuple(partition_rules)
+        else:
+            rules = rename_rules(module.default_partition_rules(), renaming)
         shard_fns = _normalise_shard_fns(shard_fns, expected)
         if auto_shard_params:
             for path in tree_lib.flatten(expected):
@@ -101,7 +117,7 @@ class AutoJaxModelForCausalLM:
         sharded = auto_shard_params or bool(shard_fns)
         place = _placer(mesh, rules, shard_fns, auto_shard_params, sharded, device)
 
-        entries = iter_hf_params(folder) if from_torch else iter_checkpoint_params(folder)
+        entries = iter_hf_params(folder, config) if from_torch else iter_checkpoint_params(folder)
         params = assemble_params(
             entries, expected, param_dtype, place,
             load_in_8bit=load_in_8bit, bit_targeted_params=bit_targeted_params, source=str(folder),
@@ -137,11 +153,17 @@ def _config_overrides(folder: Path, config_kwargs: Mapping[str, Any] | None, kwa
 
 
 def _normalise_shard_fns(shard_fns: Mapping | None, expected: dict) -> dict[str, Callable]:
-    """``shard_fns`` as ``{path: fn}`` (a nested dict like the params is flattened); unknown paths are an error."""
+    """``shard_fns`` as ``{path: fn}``; accepts ``"a/b/c"`` paths, EasyDeL's tuple keys (``flatten_dict`` of the
+    params, with or without a leading ``"params"``), dotted paths, and nested dicts. Unknown paths are an error."""
     if not shard_fns:
         return {}
-    flat = tree_lib.flatten(shard_fns)
     known = tree_lib.flatten(expected)
+    flat: dict[str, Callable] = {}
+    for key, fn in _flat_items(shard_fns):
+        parts = [str(p) for p in key] if isinstance(key, tuple) else str(key).replace(".", "/").split("/")
+        if parts and parts[0] == "params" and "/".join(parts) not in known:
+            parts = parts[1:]
+        flat["/".join(parts)] = fn
     unknown = sorted(p for p in flat if p not in known)
     if unknown:
         raise ValueError(f"shard_fns name parameters the model does not have: {unknown[:5]} (paths look like {next(iter(known))!r})")
@@ -149,6 +171,19 @@ def _normalise_shard_fns(shard_fns: Mapping | None, expected: dict) -> dict[str,
     if bad:
         raise TypeError(f"shard_fns values must be callables; not for {bad[:5]}")
     return flat
+
+
+def _flat_items(tree: Mapping, prefix: tuple = ()) -> list[tuple[Any, Any]]:
+    """``(key, fn)`` pairs: nested dicts flattened to tuples of keys; tuple and string keys kept as given."""
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            items.extend(_flat_items(value, prefix + (tuple(key) if isinstance(key, tuple) else (key,))))
+        elif prefix:
+            items.append((prefix + (tuple(key) if isinstance(key, tuple) else (key,)), value))
+        else:
+            items.append((key, value))
+    return items
 
 
 def _placer(

@@ -13,6 +13,7 @@ import numpy as np
 
 from hfbridge.io import atomic_dir
 from hfbridge.jax import tree as tree_lib
+from hfbridge.jax.export import LazyTensor, gather
 from hfbridge.jax.quant import QuantizedArray
 from hfbridge.jax.st_io import iter_tensors, save_tensors
 
@@ -30,6 +31,10 @@ def save_checkpoint(folder: str | Path, module: Any, params: dict, overwrite: bo
     """Write ``module``'s config and ``params`` (sharded arrays are gathered one at a time) to ``folder``, which
     appears only when complete (weights before the metadata that marks it a checkpoint); a non-empty ``folder`` is
     refused unless ``overwrite`` (and then only one hfbridge wrote)."""
+    lora = [p for p in tree_lib.flatten(params) if p.endswith(("/lora_a", "/lora_b"))]
+    if lora:
+        raise ValueError(f"params carry LoRA factors ({lora[0]}...): merge them first (hfbridge.jax.lora.merge_lora), "
+                         "save the adapter (save_lora_adapter), or export merged with format='hf'")
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         _write_checkpoint(tmp, module, params)
     return Path(folder)
@@ -41,11 +46,11 @@ def _write_checkpoint(folder: Path, module: Any, params: dict) -> None:
     quantized: dict[str, int] = {}
     for path, leaf in flat.items():
         if isinstance(leaf, QuantizedArray):
-            tensors[f"{path}:int8"] = leaf.values
-            tensors[f"{path}:scale"] = leaf.scale
+            tensors[f"{path}:int8"] = _lazy(leaf.values)
+            tensors[f"{path}:scale"] = _lazy(leaf.scale)
             quantized[path] = leaf.reduce_axis
         else:
-            tensors[path] = leaf
+            tensors[path] = _lazy(leaf)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -57,6 +62,11 @@ def _write_checkpoint(folder: Path, module: Any, params: dict) -> None:
     save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
     (folder / "config.json").write_text(json.dumps(module.config.hf_config, indent=2, sort_keys=True, default=str))
     (folder / META_NAME).write_text(json.dumps(meta, indent=2))
+
+
+def _lazy(x: Any) -> LazyTensor:
+    """Fetched shard by shard when written, with no host copy left cached on the array."""
+    return LazyTensor(tuple(x.shape), np.dtype(x.dtype), lambda: gather(x))
 
 
 def read_meta(folder: str | Path) -> dict:

@@ -11,8 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mixtral", "qwen3_moe",
+)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -20,8 +23,21 @@ class UnsupportedArchitectureError(ValueError):
 
 
 @dataclass(frozen=True)
+class RopeSpec:
+    """One rotary embedding: base, type and the type's extra parameters (sorted ``(key, value)`` pairs)."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    scaling: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class JaxLMConfig:
-    """What the Llama-family JAX model needs to know; ``hf_config`` keeps the full Hugging Face dict for saving."""
+    """What the JAX decoder definitions need to know; ``hf_config`` keeps the full Hugging Face dict for saving.
+
+    One dataclass covers every supported family; the family-specific fields keep their neutral defaults
+    (``norm_offset`` 0, no soft-capping, no experts...) where a family lacks the feature.
+    """
 
     model_type: str
     vocab_size: int
@@ -46,21 +62,55 @@ class JaxLMConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Gemma: norms scale by (1 + weight), embeddings by sqrt(hidden) (in the computation dtype)
+    norm_offset: float = 0.0
+    embed_scale: float | None = None
+    # Gemma 2/3: post-attention and pre/post-feed-forward norms around each block ("sandwich")
+    sandwich_norms: bool = False
+    attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    local_rope: RopeSpec | None = None  # Gemma 3: the RoPE of sliding-window layers
+    rotary_dim: int | None = None  # Phi-3's partial_rotary_factor: only the first rotary_dim dims rotate
+    # mixture of experts (mixtral, qwen3_moe): a router and num_experts stacked expert MLPs on moe_layers
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[bool, ...] = ()
     hf_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
         return self.sliding_windows or (None,) * self.num_hidden_layers
 
-    def rope_inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies (float32, ``head_dim // 2``), as transformers computes them."""
-        dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def layer_is_moe(self, i: int) -> bool:
+        return self.is_moe and (self.moe_layers[i] if self.moe_layers else True)
+
+    @property
+    def rope(self) -> RopeSpec:
+        return RopeSpec(self.rope_theta, self.rope_type, self.rope_scaling)
+
+    def layer_rope(self, i: int) -> RopeSpec:
+        """The RoPE of layer ``i`` (Gemma 3's sliding layers use ``local_rope``)."""
+        if self.local_rope is not None and self.layer_windows[i] is not None:
+            return self.local_rope
+        return self.rope
+
+    def rope_inv_freq(self, rope: RopeSpec | None = None) -> np.ndarray:
+        """RoPE inverse frequencies (float32, ``rotary_dim // 2``), as transformers computes them."""
+        rope = rope or self.rope
+        dim = self.rotary_dim or self.head_dim
+        inv = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
         inv = inv.astype(np.float32)
-        params = dict(self.rope_scaling)
-        if self.rope_type == "linear":
+        params = dict(rope.scaling)
+        if rope.type == "linear":
             inv = inv / np.float32(params["factor"])
-        elif self.rope_type == "llama3":
+        elif rope.type == "llama3":
             factor = params["factor"]
             low, high = params["low_freq_factor"], params["high_freq_factor"]
             old_ctx = params["original_max_position_embeddings"]
@@ -74,13 +124,38 @@ class JaxLMConfig:
         return inv
 
 
-def _rope_params(hf: Any) -> dict:
+def _rope_params(hf: Any, layer_type: str | None = None) -> dict:
     params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     params = dict(params)
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     if "rope_theta" not in params:
         params["rope_theta"] = getattr(hf, "rope_theta", 10000.0)
     params.setdefault("rope_type", params.pop("type", "default"))
     return params
+
+
+def _rope_spec(hf: Any, layer_type: str | None = None) -> RopeSpec:
+    rope = _rope_params(hf, layer_type)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedArchitectureError(
+            f"RoPE type {rope_type!r} ({getattr(hf, 'model_type', '?')}) is not supported by hfbridge.jax; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    skip = ("rope_theta", "rope_type", "partial_rotary_factor")
+    extra = {k: v for k, v in rope.items() if k not in skip and _hashable(v)}
+    return RopeSpec(float(rope["rope_theta"]), rope_type, tuple(sorted(extra.items())))
+
+
+def _refuse(hf: Any, what: str) -> None:
+    raise UnsupportedArchitectureError(f"{hf.model_type}: {what} is not supported by hfbridge.jax")
+
+
+def _windows_from_layer_types(hf: Any, n_layers: int) -> tuple[int | None, ...]:
+    window = getattr(hf, "sliding_window", None)
+    types = getattr(hf, "layer_types", None) or ["full_attention"] * n_layers
+    return tuple(window if t == "sliding_attention" and window is not None else None for t in types)
 
 
 def config_from_hf(hf: Any) -> JaxLMConfig:
@@ -92,34 +167,67 @@ def config_from_hf(hf: Any) -> JaxLMConfig:
             f"hfbridge.jax has no JAX definition for model_type {model_type!r} ({archs}); "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if model_type == "gpt2":
+        return _gpt2_config(hf)
     n_layers = hf.num_hidden_layers
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     attention_bias = bool(getattr(hf, "attention_bias", False))
+    extra: dict[str, Any] = {}
     if model_type == "qwen2":
         qkv_bias, o_bias = True, False
-    elif model_type == "mistral":
+    elif model_type in ("mistral", "phi3", "mixtral"):
         qkv_bias = o_bias = False
     else:
         qkv_bias = o_bias = attention_bias
     window = getattr(hf, "sliding_window", None)
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3", "mixtral"):
         windows = (window,) * n_layers
-    elif model_type in ("qwen2", "qwen3") and window is not None:
-        types = getattr(hf, "layer_types", None) or ["full_attention"] * n_layers
-        windows = tuple(window if t == "sliding_attention" else None for t in types)
+    elif model_type in ("qwen2", "qwen3", "qwen3_moe") and window is not None:
+        windows = _windows_from_layer_types(hf, n_layers)
+    elif model_type in ("gemma2", "gemma3_text"):
+        windows = _windows_from_layer_types(hf, n_layers)
     else:
         windows = (None,) * n_layers
-    rope = _rope_params(hf)
-    rope_type = rope.get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedArchitectureError(
-            f"RoPE type {rope_type!r} is not supported by hfbridge.jax; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    hidden_act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+    if model_type in _GEMMA:
+        extra.update(norm_offset=1.0, embed_scale=float(hf.hidden_size) ** 0.5)
+        if model_type == "gemma" and hidden_act == "gelu":
+            hidden_act = "gelu_pytorch_tanh"  # what transformers' GemmaConfig does with the legacy value
+    if model_type in ("gemma2", "gemma3_text"):
+        if getattr(hf, "use_bidirectional_attention", False):
+            _refuse(hf, "use_bidirectional_attention")
+        extra.update(
+            sandwich_norms=True,
+            attn_scale=float(hf.query_pre_attn_scalar) ** -0.5,
+            attn_softcap=getattr(hf, "attn_logit_softcapping", None),
+            final_softcap=getattr(hf, "final_logit_softcapping", None),
+        )
+    if model_type == "gemma3_text":
+        rope = _rope_spec(hf, "full_attention")
+        extra["local_rope"] = _rope_spec(hf, "sliding_attention")
+    else:
+        rope = _rope_spec(hf)
+    if model_type == "phi3":
+        factor = float(_rope_params(hf).get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0)))
+        if factor != 1.0:
+            extra["rotary_dim"] = int(head_dim * factor)
+    if model_type == "mixtral":
+        extra.update(
+            num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok,
+            moe_intermediate_size=hf.intermediate_size, norm_topk_prob=True,
+        )
+    elif model_type == "qwen3_moe":
+        step = getattr(hf, "decoder_sparse_step", 1) or 1
+        dense = set(getattr(hf, "mlp_only_layers", None) or [])
+        extra.update(
+            num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
+            moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+            moe_layers=tuple(i not in dense and hf.num_experts > 0 and (i + 1) % step == 0 for i in range(n_layers)),
         )
     eos = getattr(hf, "eos_token_id", None)
     if isinstance(eos, list):
         eos = tuple(eos)
-    extra = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type") and _hashable(v)}
     return JaxLMConfig(
         model_type=model_type,
         vocab_size=hf.vocab_size,
@@ -131,18 +239,51 @@ def config_from_hf(hf: Any) -> JaxLMConfig:
         head_dim=head_dim,
         rms_norm_eps=float(hf.rms_norm_eps),
         max_position_embeddings=getattr(hf, "max_position_embeddings", 2048),
-        hidden_act=getattr(hf, "hidden_act", "silu"),
+        hidden_act=hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)) if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         sliding_windows=tuple(windows),
-        rope_theta=float(rope["rope_theta"]),
-        rope_type=rope_type,
-        rope_scaling=tuple(sorted(extra.items())),
+        rope_theta=rope.theta,
+        rope_type=rope.type,
+        rope_scaling=rope.scaling,
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_id=eos,
+        pad_token_id=getattr(hf, "pad_token_id", None),
+        hf_config=hf.to_dict(),
+        **extra,
+    )
+
+
+def _gpt2_config(hf: Any) -> JaxLMConfig:
+    if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or getattr(hf, "reorder_and_upcast_attn", False):
+        _refuse(hf, "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn")
+    if getattr(hf, "add_cross_attention", False):
+        _refuse(hf, "cross-attention (add_cross_attention)")
+    eos = getattr(hf, "eos_token_id", None)
+    head_dim = hf.n_embd // hf.n_head
+    return JaxLMConfig(
+        model_type="gpt2",
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.n_embd,
+        intermediate_size=hf.n_inner or 4 * hf.n_embd,
+        num_hidden_layers=hf.n_layer,
+        num_attention_heads=hf.n_head,
+        num_key_value_heads=hf.n_head,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.layer_norm_epsilon),
+        max_position_embeddings=hf.n_positions,
+        hidden_act=hf.activation_function,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        sliding_windows=(None,) * hf.n_layer,
+        attn_scale=head_dim**-0.5 if hf.scale_attn_weights else 1.0,
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=getattr(hf, "pad_token_id", None),
         hf_config=hf.to_dict(),
     )

@@ -8,6 +8,7 @@ the next one is read, so host memory holds one shard's mapping plus the paramete
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ log = logging.getLogger(__name__)
 Place = Callable[[str, Any], Any]
 
 
-def hf_to_jax_name(name: str, ndim: int) -> tuple[str, bool] | None:
+def hf_to_jax_name(name: str, ndim: int, conv1d: bool = False) -> tuple[str, bool] | None:
     """``(path, transpose)`` for a Hugging Face tensor name, or None for buffers that are not parameters.
 
     ``model.layers.0.self_attn.q_proj.weight`` -> ``model/layers/0/self_attn/q_proj/kernel`` (transposed);
-    ``*.embed_tokens.weight`` -> ``embedding``; 1-D ``*.weight`` (norms) -> ``scale``; ``*.bias`` -> ``bias``.
+    ``*.embed_tokens.weight`` (GPT-2: ``wte``, ``wpe``) -> ``embedding``; 1-D ``*.weight`` (norms) -> ``scale``;
+    ``*.bias`` -> ``bias``. ``conv1d``: 2-D weights are GPT-2 ``Conv1D``s, already ``(in, out)`` (not transposed),
+    except ``lm_head``.
     """
     *module, leaf = name.split(".")
     if not module or name.endswith("rotary_emb.inv_freq"):
@@ -37,26 +40,74 @@ def hf_to_jax_name(name: str, ndim: int) -> tuple[str, bool] | None:
         return f"{base}/bias", False
     if leaf != "weight":
         return None
-    if module[-1] == "embed_tokens":
+    if module[-1] in EMBEDDING_MODULES:
         return f"{base}/embedding", False
     if ndim == 2:
-        return f"{base}/kernel", True
+        return f"{base}/kernel", not (conv1d and module[-1] != "lm_head")
     if ndim == 1:
         return f"{base}/scale", False
     return None
 
 
-def iter_hf_params(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """``(jax_path, array)`` for every parameter tensor of a Hugging Face safetensors checkpoint, shard by shard."""
+EMBEDDING_MODULES = ("embed_tokens", "wte", "wpe")
+_EXPERT = re.compile(r"^(.*)/experts/(\d+)/(\w+)/kernel$")
+
+
+def iter_hf_params(folder: str | Path, config: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(jax_path, array)`` for every parameter tensor of a Hugging Face safetensors checkpoint, shard by shard.
+
+    With the model's ``config``, family layouts are converted on the way: Phi-3's fused ``qkv_proj`` and
+    ``gate_up_proj`` are split into ``q/k/v_proj`` and ``gate/up_proj``; per-expert MoE weights are stacked into
+    ``(n_experts, in, out)`` kernels (one layer's experts are held until the last arrives); GPT-2's names get the
+    ``transformer.`` prefix old checkpoints lack.
+    """
+    model_type = getattr(config, "model_type", None)
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for file in checkpoint_files(folder):
         log.debug("reading %s", file)
         for name, array in iter_tensors(file):
-            mapped = hf_to_jax_name(name, array.ndim)
+            if model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+                name = f"transformer.{name}"
+            mapped = hf_to_jax_name(name, array.ndim, conv1d=model_type == "gpt2")
             if mapped is None:
                 log.debug("skipping %s (not a parameter)", name)
                 continue
             path, transpose = mapped
-            yield path, (np.ascontiguousarray(array.T) if transpose else array)
+            value = np.ascontiguousarray(array.T) if transpose else array
+            found = _EXPERT.match(path)
+            if found and config is not None and config.num_experts:
+                prefix, index, weight = found.groups()
+                group = experts.setdefault((prefix, weight), {})
+                group[int(index)] = value
+                if len(group) == config.num_experts:
+                    del experts[(prefix, weight)]
+                    yield f"{prefix}/experts/{weight}/kernel", np.stack([group[e] for e in range(config.num_experts)])
+                continue
+            if model_type == "phi3" and path.endswith(("self_attn/qkv_proj/kernel", "mlp/gate_up_proj/kernel")):
+                yield from _split_fused(path, value, config)
+                continue
+            yield path, value
+    if experts:
+        incomplete = {f"{p}/experts/*/{w}": sorted(g) for (p, w), g in experts.items()}
+        raise ValueError(f"{folder}: experts missing from the checkpoint (found only these indices): {incomplete}")
+
+
+def _split_fused(path: str, kernel: np.ndarray, config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """Phi-3's fused kernels ``(in, q+k+v)`` and ``(in, gate+up)`` as separate ``(in, out)`` kernels."""
+    base = path.rsplit("/", 2)[0]
+    if path.endswith("qkv_proj/kernel"):
+        q = config.num_attention_heads * config.head_dim
+        kv = config.num_key_value_heads * config.head_dim
+        if kernel.shape[1] != q + 2 * kv:
+            raise ValueError(f"{path}: fused qkv has {kernel.shape[1]} outputs, the config implies {q} + 2 * {kv}")
+        parts = {"q_proj": kernel[:, :q], "k_proj": kernel[:, q : q + kv], "v_proj": kernel[:, q + kv :]}
+    else:
+        n = config.intermediate_size
+        if kernel.shape[1] != 2 * n:
+            raise ValueError(f"{path}: fused gate_up has {kernel.shape[1]} outputs, the config implies 2 * {n}")
+        parts = {"gate_proj": kernel[:, :n], "up_proj": kernel[:, n:]}
+    for name, part in parts.items():
+        yield f"{base}/{name}/kernel", np.ascontiguousarray(part)
 
 
 def assemble_params(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,18 +20,39 @@ DEFAULT_AXIS_NAMES = ("dp", "fsdp", "tp", "sp")
 
 @dataclass(frozen=True)
 class PartitionAxis:
-    """Which mesh axes shard which activation dimension (used for inputs and inside attention).
+    """Which mesh axes shard which activation dimension (inputs, attention, the residual stream), with EasyDeL's
+    field names.
 
-    ``batch_axis`` shards the batch, ``sequence_axis`` the query sequence, ``key_sequence_axis`` the key
-    sequence (None: keys are gathered), ``head_axis`` the attention heads, ``attention_dim_axis`` the head
-    dimension.
+    ``batch_axis`` shards the batch; ``sequence_axis`` the sequence of inputs (``shard_batch``) and, unless
+    ``query_sequence_axis`` is set, of queries; ``key_sequence_axis`` the key sequence (None: keys are gathered);
+    ``head_axis`` the attention heads; ``attention_dim_axis`` the head dimension; ``hidden_state_axis``, when set,
+    the hidden dimension of the residual stream (a constraint after the embedding and each layer). The
+    ``generation_*`` fields replace the query-sequence, head, key-sequence and head-dimension axes while decoding one
+    token at a time with a KV cache.
     """
 
     batch_axis: AxisNames = ("dp", "fsdp")
     sequence_axis: AxisNames = "sp"
+    query_sequence_axis: AxisNames = None
     key_sequence_axis: AxisNames = None
     head_axis: AxisNames = "tp"
     attention_dim_axis: AxisNames = None
+    hidden_state_axis: AxisNames = None
+    generation_query_sequence_axis: AxisNames = None
+    generation_head_axis: AxisNames = "tp"
+    generation_key_sequence_axis: AxisNames = None
+    generation_attention_dim_axis: AxisNames = None
+
+    @property
+    def query_axis(self) -> AxisNames:
+        return self.query_sequence_axis if self.query_sequence_axis is not None else self.sequence_axis
+
+    def renamed(self, mapping: dict[str, str]) -> PartitionAxis:
+        """The same assignment with mesh axis names replaced by ``mapping`` (``{"tp": "model", ...}``)."""
+        from hfbridge.jax.rules import rename_axes
+
+        return dataclasses.replace(self, **{f.name: rename_axes(getattr(self, f.name), mapping)
+                                            for f in dataclasses.fields(self)})
 
 
 def devices_for(backend: str | None = None) -> list:

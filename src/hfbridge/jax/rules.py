@@ -33,12 +33,65 @@ LLAMA_PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"lm_head/kernel$", P(("fsdp", "sp"), "tp")),
 )
 
+# Gemma 2/3's extra norms and the MoE blocks (router replicated-ish, experts split over tp on the expert axis:
+# each tp rank holds whole experts, their hidden dimension split over fsdp and sp).
+_EXTRA_RULES: tuple[tuple[str, P], ...] = (
+    (r"(pre_feedforward_layernorm|post_feedforward_layernorm)/scale$", P(None)),
+    (r"(block_sparse_moe|mlp)/gate/kernel$", P(("fsdp", "sp"), None)),
+    (r"experts/(w1|w3|gate_proj|up_proj)/kernel$", P("tp", ("fsdp", "sp"), None)),
+    (r"experts/(w2|down_proj)/kernel$", P("tp", None, ("fsdp", "sp"))),
+)
+
+GPT2_PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"transformer/wte/embedding$", P("tp", ("fsdp", "sp"))),
+    (r"transformer/wpe/embedding$", P(None, ("fsdp", "sp"))),
+    (r"attn/c_attn/kernel$", P(("fsdp", "sp"), "tp")),
+    (r"attn/c_attn/bias$", P("tp")),
+    (r"attn/c_proj/kernel$", P("tp", ("fsdp", "sp"))),
+    (r"mlp/c_fc/kernel$", P(("fsdp", "sp"), "tp")),
+    (r"mlp/c_fc/bias$", P("tp")),
+    (r"mlp/c_proj/kernel$", P("tp", ("fsdp", "sp"))),
+    (r"c_proj/bias$", P(None)),
+    (r"(ln_1|ln_2|ln_f)/(scale|bias)$", P(None)),
+    (r"lm_head/kernel$", P(("fsdp", "sp"), "tp")),
+)
+
+DECODER_PARTITION_RULES = _EXTRA_RULES + LLAMA_PARTITION_RULES
+
 DEFAULT_PARTITION_RULES: dict[str, tuple[tuple[str, P], ...]] = {
-    "llama": LLAMA_PARTITION_RULES,
-    "mistral": LLAMA_PARTITION_RULES,
-    "qwen2": LLAMA_PARTITION_RULES,
-    "qwen3": LLAMA_PARTITION_RULES,
+    **{name: LLAMA_PARTITION_RULES for name in ("llama", "mistral", "qwen2", "qwen3", "phi3")},
+    **{name: DECODER_PARTITION_RULES for name in ("gemma", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")},
+    "gpt2": GPT2_PARTITION_RULES,
 }
+
+DEFAULT_AXIS_NAMES = ("dp", "fsdp", "tp", "sp")
+
+
+def default_rules_for(model_type: str) -> tuple[tuple[str, P], ...]:
+    return DEFAULT_PARTITION_RULES.get(model_type, DECODER_PARTITION_RULES)
+
+
+def rename_axes(entry: Any, mapping: Mapping[str, str]) -> Any:
+    """A spec entry (None, a name, or a tuple of names) with the names replaced by ``mapping``."""
+    if entry is None:
+        return None
+    if isinstance(entry, tuple | list):
+        return tuple(mapping.get(a, a) for a in entry)
+    return mapping.get(entry, entry)
+
+
+def rename_rules(rules: PartitionRules, mapping: Mapping[str, str]) -> tuple[tuple[str, P], ...]:
+    """``rules`` with mesh axis names replaced by ``mapping`` (``{"fsdp": "data", ...}``)."""
+    if not mapping:
+        return tuple(rules)
+    return tuple((pattern, P(*(rename_axes(e, mapping) for e in spec))) for pattern, spec in rules)
+
+
+def axis_renaming(axis_names: Sequence[str]) -> dict[str, str]:
+    """How the default names map onto custom ``sharding_axis_names``, by position: ``("data", "fully", "model",
+    "seq")`` renames dp -> data, fsdp -> fully, tp -> model, sp -> seq (names beyond the fourth are extra axes)."""
+    names = tuple(axis_names)
+    return {d: n for d, n in zip(DEFAULT_AXIS_NAMES, names) if d != n}
 
 
 class UnmatchedParameterError(ValueError):

@@ -1,4 +1,12 @@
-"""A (sharded) training step: masked next-token cross-entropy and an optax optimizer, jitted."""
+"""A (sharded) training step: masked cross-entropy on already-shifted labels and an optax optimizer, jitted.
+
+Label convention (hfbridge's, the same as the PyTorch side: ``hfbridge.losses``): ``labels[:, t]`` is the token
+the model must predict after reading ``input_ids[:, : t + 1]``; -100 (and ``loss_mask`` 0) marks positions that
+are not trained; the loss is the sum over trained positions divided by their count (or by the batch's
+``num_label_tokens``, the count over a whole optimizer step, when given). Batches built by hfbridge's data path
+(``tokenize_records`` + ``PaddedCollator``) carry such labels and can be fed as they are; a batch without
+``labels`` gets them from :func:`labels_from_inputs` (the shift happens there, once).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -16,37 +25,59 @@ from hfbridge.jax.quant import QuantizedArray
 from hfbridge.jax.rules import fit_spec
 
 IGNORE_INDEX = -100
+NUM_LABEL_TOKENS_KEY = "num_label_tokens"
 
 
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean cross-entropy over positions where ``mask`` is true (computed in float32)."""
+def masked_cross_entropy(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, normalizer: jax.Array | float | None = None
+) -> jax.Array:
+    """Cross-entropy of ``logits`` against ``labels`` (aligned: no shift) summed where ``mask`` is true, divided by
+    ``normalizer`` (default: the number of such positions, at least 1). Computed in float32."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    denominator = jnp.maximum(jnp.sum(mask), 1.0) if normalizer is None else jnp.asarray(normalizer, jnp.float32)
+    return jnp.sum(nll * mask) / denominator
+
+
+def labels_from_inputs(input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Next-token labels for a batch without them: ``labels[:, t] = input_ids[:, t + 1]`` where that token is real
+    (``attention_mask`` 1), -100 elsewhere and at the last position; what ``shift_for_causal_lm`` gives a fully
+    trained text, so both data paths train the same targets."""
+    ids = jnp.asarray(input_ids)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask)
+    nxt = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    keep = jnp.concatenate([mask[:, 1:].astype(bool), jnp.zeros_like(mask[:, :1], bool)], axis=1)
+    return jnp.where(keep, nxt, IGNORE_INDEX)
 
 
 def causal_lm_loss(module: Any, params: dict, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Next-token loss of ``batch`` (``input_ids``, optional ``attention_mask`` and ``labels`` with -100 ignored)."""
+    """The loss of ``batch``: ``input_ids``, optional ``attention_mask``, ``position_ids``, ``labels`` (already
+    shifted, -100 ignored; derived by :func:`labels_from_inputs` when absent), ``loss_mask`` and
+    ``num_label_tokens``."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     if mask is None:
         mask = jnp.ones_like(ids)
     labels = batch.get("labels")
     if labels is None:
-        labels = jnp.where(mask.astype(bool), ids, IGNORE_INDEX)
-    logits = module.apply(params, ids, mask)
-    labels = labels[:, 1:]
+        labels = labels_from_inputs(ids, mask)
+    logits = module.apply(params, ids, mask, batch.get("position_ids"))
     valid = labels != IGNORE_INDEX
-    return masked_cross_entropy(logits[:, :-1], jnp.where(valid, labels, 0), valid)
+    if batch.get("loss_mask") is not None:
+        valid = valid & batch["loss_mask"].astype(bool)
+    return masked_cross_entropy(logits, jnp.where(valid, labels, 0), valid, batch.get(NUM_LABEL_TOKENS_KEY))
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, partition_axis: PartitionAxis | None = None) -> dict:
-    """Place ``(batch, seq)`` arrays on ``mesh``: batch over ``batch_axis``, sequence over ``sequence_axis``."""
+    """Place ``(batch, seq)`` arrays on ``mesh``: batch over ``batch_axis``, sequence over ``sequence_axis``
+    (torch tensors and numpy arrays accepted; int64 becomes int32; scalars are replicated)."""
     pa = partition_axis or PartitionAxis()
     out = {}
     for key, value in batch.items():
-        value = jnp.asarray(value)
+        if not isinstance(value, jax.Array):
+            value = np.asarray(value)
+            value = value.astype(np.int32) if value.dtype == np.int64 else value
         spec = fit_spec(P(pa.batch_axis, pa.sequence_axis), value.shape, mesh)
         out[key] = jax.device_put(value, NamedSharding(mesh, spec))
     return out

@@ -1,7 +1,10 @@
-"""The Llama family in plain JAX: Llama, Mistral, Qwen2, Qwen3 (biases, q/k norms, sliding windows, tied embeddings).
+"""Rotary decoder LMs in plain JAX: Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3 (text), Phi-3, Mixtral, Qwen3-MoE.
 
+One definition with the families' switches (biases, q/k norms, sliding windows, tied embeddings, Gemma's (1 + w)
+norms, embedding scale, sandwich norms and soft-capping, Phi-3's partial rotary, mixture-of-experts MLPs).
 Parameters are a nested dict mirroring the Hugging Face names (``model/layers/0/self_attn/q_proj/kernel``), with
-kernels stored ``(in, out)``. The module is a frozen dataclass holding only settings; ``params`` travel separately.
+kernels stored ``(in, out)``; stacked experts ``(n_experts, in, out)``. The module is a frozen dataclass holding
+only settings; ``params`` travel separately.
 """
 
 from __future__ import annotations
@@ -20,24 +23,36 @@ from jax.sharding import Mesh
 from hfbridge.jax.config import JaxLMConfig
 from hfbridge.jax.mesh import PartitionAxis
 from hfbridge.jax.quant import QuantizedArray, as_dense
-from hfbridge.jax.rules import LLAMA_PARTITION_RULES, constrain
+from hfbridge.jax.rules import constrain, default_rules_for
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "gelu": partial(jax.nn.gelu, approximate=False),
     "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }
+
+# The mixture-of-experts block's Hugging Face names: (block, gate expert, up expert, down expert)
+MOE_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
 KVCache = list[dict[str, jax.Array]]
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, returned in ``x``'s dtype, as transformers does."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm computed in float32, returned in ``x``'s dtype, as transformers does. ``offset`` 1 is Gemma's norm:
+    ``(1 + weight)`` multiplied in float32 before the cast."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
     return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -47,7 +62,7 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True, eq=False)
 class LlamaForCausalLM:
-    """A Llama-family causal LM. ``module(params, input_ids)`` returns logits ``(batch, seq, vocab)`` (jitted).
+    """A rotary decoder LM (every family but GPT-2). ``module(params, input_ids)`` returns logits ``(batch, seq, vocab)`` (jitted).
 
     ``dtype`` is the computation dtype, ``param_dtype`` the storage dtype, ``precision`` the matmul precision.
     With a ``mesh`` and ``shard_attention_computation``, attention activations carry sharding constraints by
@@ -61,6 +76,7 @@ class LlamaForCausalLM:
     mesh: Mesh | None = None
     partition_axis: PartitionAxis = field(default_factory=PartitionAxis)
     shard_attention_computation: bool = True
+    lora_scaling: float = 1.0  # alpha / rank of LoRA factors in the params (hfbridge.jax.lora)
 
     def __post_init__(self):
         if self.config.hidden_act not in _ACTIVATIONS:
@@ -69,7 +85,7 @@ class LlamaForCausalLM:
 
     # ----------------------------------------------------------------- parameters
     def default_partition_rules(self) -> tuple:
-        return LLAMA_PARTITION_RULES
+        return default_rules_for(self.config.model_type)
 
     def param_shapes(self) -> dict:
         """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (in ``param_dtype``)."""
@@ -93,16 +109,24 @@ class LlamaForCausalLM:
             if c.qk_norm:
                 attn["q_norm"] = {"scale": s(d)}
                 attn["k_norm"] = {"scale": s(d)}
-            layers[str(i)] = {
-                "self_attn": attn,
-                "mlp": {
+            layer = {"self_attn": attn, "input_layernorm": {"scale": s(h)}, "post_attention_layernorm": {"scale": s(h)}}
+            if c.sandwich_norms:
+                layer["pre_feedforward_layernorm"] = {"scale": s(h)}
+                layer["post_feedforward_layernorm"] = {"scale": s(h)}
+            if c.layer_is_moe(i):
+                block, g, u, dn = MOE_NAMES[c.model_type]
+                e, mi = c.num_experts, c.moe_intermediate_size
+                layer[block] = {
+                    "gate": {"kernel": s(h, e)},
+                    "experts": {g: {"kernel": s(e, h, mi)}, u: {"kernel": s(e, h, mi)}, dn: {"kernel": s(e, mi, h)}},
+                }
+            else:
+                layer["mlp"] = {
                     "gate_proj": linear(h, c.intermediate_size, c.mlp_bias),
                     "up_proj": linear(h, c.intermediate_size, c.mlp_bias),
                     "down_proj": linear(c.intermediate_size, h, c.mlp_bias),
-                },
-                "input_layernorm": {"scale": s(h)},
-                "post_attention_layernorm": {"scale": s(h)},
-            }
+                }
+            layers[str(i)] = layer
         tree = {"model": {"embed_tokens": {"embedding": s(c.vocab_size, h)}, "layers": layers, "norm": {"scale": s(h)}}}
         if not c.tie_word_embeddings:
             tree["lm_head"] = {"kernel": s(h, c.vocab_size)}
@@ -117,7 +141,8 @@ class LlamaForCausalLM:
         out = {}
         for key, (path, spec) in zip(keys, flat.items()):
             if path.endswith("scale"):
-                out[path] = jnp.ones(spec.shape, spec.dtype)
+                init = 0.0 if self.config.norm_offset else 1.0
+                out[path] = jnp.full(spec.shape, init, spec.dtype)
             elif path.endswith("bias"):
                 out[path] = jnp.zeros(spec.shape, spec.dtype)
             else:
@@ -167,25 +192,39 @@ class LlamaForCausalLM:
         c = self.config
         model = params["model"]
         x = self._embed(model["embed_tokens"]["embedding"], input_ids)
-        cos, sin = self._rope(position_ids)
+        if c.embed_scale is not None:
+            x = x * jnp.asarray(c.embed_scale, self.dtype)
+        x = self._constrain_hidden(x)
+        ropes = {rope: self._rope(position_ids, rope) for rope in {c.layer_rope(i) for i in range(c.num_hidden_layers)}}
         new_cache = [] if cache is not None else None
         for i, window in enumerate(c.layer_windows):
             layer = model["layers"][str(i)]
-            h = rms_norm(x, layer["input_layernorm"]["scale"], c.rms_norm_eps)
+            cos, sin = ropes[c.layer_rope(i)]
+            h = self._norm(x, layer["input_layernorm"])
             layer_cache = cache[i] if cache is not None else None
             h, layer_cache = self._attention(layer["self_attn"], h, cos, sin, key_valid, window, layer_cache, cache_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
-            x = x + h
-            h = rms_norm(x, layer["post_attention_layernorm"]["scale"], c.rms_norm_eps)
-            x = x + self._mlp(layer["mlp"], h)
-        x = rms_norm(x, model["norm"]["scale"], c.rms_norm_eps)
-        if c.tie_word_embeddings:
-            emb = as_dense(model["embed_tokens"]["embedding"], self.dtype)
-            logits = jnp.einsum("bth,vh->btv", x, emb, precision=self.precision)
-        else:
-            logits = self._dense(params["lm_head"], x)
-        return logits, new_cache
+            if c.sandwich_norms:
+                x = x + self._norm(h, layer["post_attention_layernorm"])
+                h = self._norm(x, layer["pre_feedforward_layernorm"])
+                x = x + self._norm(self._feed_forward(layer, h, i), layer["post_feedforward_layernorm"])
+            else:
+                x = x + h
+                h = self._norm(x, layer["post_attention_layernorm"])
+                x = x + self._feed_forward(layer, h, i)
+            x = self._constrain_hidden(x)
+        x = self._norm(x, model["norm"])
+        return softcap(self._lm_head(params, x), c.final_softcap), new_cache
+
+    def _norm(self, x: jax.Array, p: dict) -> jax.Array:
+        return rms_norm(x, p["scale"], self.config.rms_norm_eps, self.config.norm_offset)
+
+    def _lm_head(self, params: dict, x: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            emb = as_dense(params["model"]["embed_tokens"]["embedding"], self.dtype)
+            return jnp.einsum("bth,vh->btv", x, emb, precision=self.precision)
+        return self._dense(params["lm_head"], x)
 
     def _embed(self, table: Any, ids: jax.Array) -> jax.Array:
         if isinstance(table, QuantizedArray):
@@ -196,12 +235,16 @@ class LlamaForCausalLM:
 
     def _dense(self, p: dict, x: jax.Array) -> jax.Array:
         y = jnp.einsum("...i,io->...o", x, as_dense(p["kernel"], self.dtype), precision=self.precision)
+        if "lora_a" in p:  # LoRA: x A B * alpha / rank beside the frozen kernel
+            a, b = p["lora_a"].astype(self.dtype), p["lora_b"].astype(self.dtype)
+            low = jnp.einsum("...i,ir->...r", x, a, precision=self.precision)
+            y = y + jnp.einsum("...r,ro->...o", low, b, precision=self.precision) * jnp.asarray(self.lora_scaling, self.dtype)
         if "bias" in p:
             y = y + p["bias"].astype(self.dtype)
         return y
 
-    def _rope(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        inv_freq = jnp.asarray(self.config.rope_inv_freq())
+    def _rope(self, position_ids: jax.Array, rope: Any = None) -> tuple[jax.Array, jax.Array]:
+        inv_freq = jnp.asarray(self.config.rope_inv_freq(rope))
         freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
@@ -211,18 +254,41 @@ class LlamaForCausalLM:
             return x
         return constrain(x, self.mesh, *entries)
 
+    def _constrain_hidden(self, x: jax.Array) -> jax.Array:
+        """The residual stream's constraint by ``partition_axis.hidden_state_axis`` (none when it is unset)."""
+        pa = self.partition_axis
+        if pa.hidden_state_axis is None:
+            return x
+        return self._constrain(x, pa.batch_axis, pa.query_axis, pa.hidden_state_axis)
+
     def _attention(self, p, x, cos, sin, key_valid, window, cache, cache_index):
-        c, pa = self.config, self.partition_axis
+        c = self.config
         b, t, _ = x.shape
         nq, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q = self._dense(p["q_proj"], x).reshape(b, t, nq, d)
         k = self._dense(p["k_proj"], x).reshape(b, t, nkv, d)
         v = self._dense(p["v_proj"], x).reshape(b, t, nkv, d)
         if c.qk_norm:
-            q = rms_norm(q, p["q_norm"]["scale"], c.rms_norm_eps)
-            k = rms_norm(k, p["k_norm"]["scale"], c.rms_norm_eps)
-        q = q * cos[:, :, None] + rotate_half(q) * sin[:, :, None]
-        k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
+            q = self._norm(q, p["q_norm"])
+            k = self._norm(k, p["k_norm"])
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        out, cache = self._attend(q, k, v, key_valid, window, cache, cache_index)
+        return self._dense(p["o_proj"], out), cache
+
+    def _rotate(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        r = cos.shape[-1]
+        if r == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        rot, rest = x[..., :r], x[..., r:]  # partial rotary: only the first dims rotate
+        return jnp.concatenate([rot * cos + rotate_half(rot) * sin, rest], axis=-1)
+
+    def _attend(self, q, k, v, key_valid, window, cache, cache_index):
+        """Causal (windowed) attention of ``q`` over ``k``/``v`` (``(batch, seq, heads, dim)``), writing them into
+        ``cache`` at ``cache_index`` first when given; returns ``(batch, seq, heads * dim)`` and the cache."""
+        c, pa = self.config, self.partition_axis
+        b, t, nq, d = q.shape
+        nkv = k.shape[2]
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
@@ -238,16 +304,46 @@ class LlamaForCausalLM:
         if nq != nkv:
             k = jnp.repeat(k, nq // nkv, axis=2)
             v = jnp.repeat(v, nq // nkv, axis=2)
-        q = self._constrain(q, pa.batch_axis, pa.sequence_axis, pa.head_axis, pa.attention_dim_axis)
-        k = self._constrain(k, pa.batch_axis, pa.key_sequence_axis, pa.head_axis, pa.attention_dim_axis)
-        v = self._constrain(v, pa.batch_axis, pa.key_sequence_axis, pa.head_axis, pa.attention_dim_axis)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=self.precision) * (d**-0.5)
+        decoding = cache is not None and t == 1
+        q_seq = pa.generation_query_sequence_axis if decoding else pa.query_axis
+        k_seq = pa.generation_key_sequence_axis if decoding else pa.key_sequence_axis
+        heads = pa.generation_head_axis if decoding else pa.head_axis
+        dim = pa.generation_attention_dim_axis if decoding else pa.attention_dim_axis
+        q = self._constrain(q, pa.batch_axis, q_seq, heads, dim)
+        k = self._constrain(k, pa.batch_axis, k_seq, heads, dim)
+        v = self._constrain(v, pa.batch_axis, k_seq, heads, dim)
+        scale = c.attn_scale if c.attn_scale is not None else d**-0.5
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=self.precision) * jnp.asarray(scale, q.dtype)
+        scores = softcap(scores, c.attn_softcap)
         scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        scores = self._constrain(scores, pa.batch_axis, pa.head_axis, pa.sequence_axis, pa.key_sequence_axis)
+        scores = self._constrain(scores, pa.batch_axis, heads, q_seq, k_seq)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=self.precision)
-        out = self._constrain(out, pa.batch_axis, pa.sequence_axis, pa.head_axis, pa.attention_dim_axis)
-        return self._dense(p["o_proj"], out.reshape(b, t, nq * d)), cache
+        out = self._constrain(out, pa.batch_axis, q_seq, heads, dim)
+        return out.reshape(b, t, nq * d), cache
+
+    def _feed_forward(self, layer: dict, x: jax.Array, i: int) -> jax.Array:
+        if self.config.layer_is_moe(i):
+            return self._moe(layer[MOE_NAMES[self.config.model_type][0]], x)
+        return self._mlp(layer["mlp"], x)
+
+    def _moe(self, p: dict, x: jax.Array) -> jax.Array:
+        """Top-k routed experts, computed densely: every expert runs on every token and the outputs are weighted by
+        the router's (renormalised) top-k probabilities, zero elsewhere; equal to the sparse dispatch."""
+        c = self.config
+        _, g, u, dn = MOE_NAMES[c.model_type]
+        logits = jnp.einsum("bth,he->bte", x, as_dense(p["gate"]["kernel"], self.dtype), precision=self.precision)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top, idx = jax.lax.top_k(probs, c.num_experts_per_tok)
+        if c.norm_topk_prob:
+            top = top / jnp.sum(top, axis=-1, keepdims=True)
+        weights = jnp.sum(jax.nn.one_hot(idx, c.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
+        ex = p["experts"]
+        act = _ACTIVATIONS[c.hidden_act]
+        gate = jnp.einsum("bth,ehi->btei", x, as_dense(ex[g]["kernel"], self.dtype), precision=self.precision)
+        up = jnp.einsum("bth,ehi->btei", x, as_dense(ex[u]["kernel"], self.dtype), precision=self.precision)
+        out = jnp.einsum("btei,eih->bteh", act(gate) * up, as_dense(ex[dn]["kernel"], self.dtype), precision=self.precision)
+        return jnp.einsum("bteh,bte->bth", out, weights.astype(self.dtype), precision=self.precision)
 
     def _mlp(self, p: dict, x: jax.Array) -> jax.Array:
         act = _ACTIVATIONS[self.config.hidden_act]
@@ -255,15 +351,24 @@ class LlamaForCausalLM:
 
     # ----------------------------------------------------------------- use
     def generate(self, params: dict, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs) -> jax.Array:
-        """Greedy decoding (jitted, with a KV cache); see :func:`hfbridge.jax.generate.greedy_generate`."""
-        from hfbridge.jax.generate import greedy_generate
+        """Greedy or sampled decoding (jitted, KV cache, left-padded batches); see
+        :func:`hfbridge.jax.generate.generate` for ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``."""
+        from hfbridge.jax.generate import generate
 
-        return greedy_generate(self, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+        return generate(self, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
-    def save_pretrained(self, path: str | Path, params: dict, overwrite: bool = False) -> Path:
-        """Write hfbridge's JAX checkpoint (config plus safetensors of the parameter tree) into a folder that appears
-        only when complete; ``from_torch=False`` loads it back. A non-empty ``path`` is refused unless
-        ``overwrite``."""
+    def save_pretrained(self, path: str | Path, params: dict, overwrite: bool = False, format: str = "jax") -> Path:
+        """Write ``params`` into a folder that appears only when complete. ``format="jax"``: hfbridge's JAX
+        checkpoint (``from_torch=False`` loads it back); ``format="hf"``: a Hugging Face folder (``config.json`` +
+        ``model.safetensors`` in transformers' layout, LoRA factors merged, 8-bit weights dequantized) that
+        transformers and ``from_pretrained`` load. A non-empty ``path`` is refused unless ``overwrite`` (and then
+        only a folder hfbridge wrote is replaced)."""
+        if format == "hf":
+            from hfbridge.jax.export import save_hf
+
+            return save_hf(path, self, params, overwrite=overwrite)
+        if format != "jax":
+            raise ValueError(f"save_pretrained(format={format!r}): use 'jax' (hfbridge's JAX checkpoint) or 'hf'")
         from hfbridge.jax.checkpoint import save_checkpoint
 
         return save_checkpoint(path, self, params, overwrite=overwrite)
