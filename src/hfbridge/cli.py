@@ -5,6 +5,8 @@
     hfbridge generate --model DIR --prompt "..." [--prompt ...]            generate with a saved model
     hfbridge serve --model DIR [--port 8000] [--api-key KEY]                OpenAI-compatible HTTP server
     hfbridge demo-data --output DIR                                         write the bundled demo task
+    hfbridge score --model RUN --data texts.jsonl                           rewards from a reward model
+    hfbridge export --model RUN --format gguf [--quant q8_0] --output F.gguf   GGUF for llama.cpp / Ollama
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import os
 import sys
 import warnings
 
+from hfbridge import reward_scoring
 from hfbridge.declarative import cli as declarative_cli
+from hfbridge.export import cli as export_cli
+from hfbridge.harness import cli as harness_cli
 from hfbridge.parallel.launch import maybe_launch
 from hfbridge.recipe.config import (
     RunConfig,
@@ -111,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _serve_parser(sub)
     declarative_cli.add_parsers(sub)  # train | predict | evaluate | llm-data (declarative configs)
+    harness_cli.add_parser(sub)  # eval (lm-evaluation-harness tasks)
+    export_cli.add_parser(sub)  # export --format gguf
+    reward_scoring.add_parser(sub)  # score (reward models)
     return parser
 
 
@@ -186,7 +194,8 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "demo-data": cmd_demo_data, "serve": cmd_serve,
-            **declarative_cli.COMMANDS}
+            "eval": harness_cli.cmd_eval, **declarative_cli.COMMANDS, **export_cli.COMMANDS,
+            **reward_scoring.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,3 +32,33 @@ def exact_match(predictions: Sequence[str], references: Sequence[str], prompts: 
     result = GenerationEval(0.0, list(prompts or []), list(references), list(predictions))
     result.accuracy = sum(result.correct) / len(references)
     return result
+
+
+def preference_accuracy(model, tokenizer, pairs: Sequence, batch_size: int = 16, reward: bool = False,
+                        max_length: int | None = None) -> float:
+    """The share of preference pairs (:class:`hfbridge.data.preference.PreferenceExample`) whose chosen completion
+    the model prefers: a higher summed log-probability after the prompt, or with ``reward=True`` (a reward model)
+    a higher reward. Ties count as not preferred."""
+    import torch
+
+    from hfbridge.data.formats import pad_id
+    from hfbridge.data.preference import PreferenceCollator, tokenize_preference_example
+    from hfbridge.models.preference import pair_logps, reward_scores
+
+    if not pairs:
+        raise ValueError("no preference pairs to score")
+    collate = PreferenceCollator(pad_id(tokenizer))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    wins = 0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            samples = [tokenize_preference_example(tokenizer, p, max_length) for p in pairs[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(samples).items() if torch.is_tensor(v)}
+            n = len(samples)
+            scores = reward_scores(model, batch) if reward else pair_logps(model, batch, 2 * n)[0]
+            wins += int((scores[:n] > scores[n:]).sum())
+    finally:
+        model.train(was_training)
+    return wins / len(pairs)

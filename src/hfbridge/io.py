@@ -186,3 +186,38 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- single files
+def check_output_file(path: str | Path, flag: str = "--output") -> Path:
+    """Refuse an output file that already exists (or is a folder), or whose folder does not exist: hfbridge
+    never replaces a file it cannot tell it wrote."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{flag} {path} is a folder, not a file")
+    if path.exists():
+        raise OutputExistsError(f"{flag} {path} exists; hfbridge does not replace files: choose another name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, and link it into place only if ``path`` still
+    does not exist (never replacing a file), so a reader sees the whole file or none."""
+    path = Path(check_output_file(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if path appeared meanwhile: nothing is replaced
+        except FileExistsError:
+            raise OutputExistsError(f"{path} appeared while it was being written; it was left as it is") from None
+        _fsync(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -19,25 +20,40 @@ def read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "hfbridge fine-tuning") -> Path:
-    """Plot ``train_loss`` (and ``val_loss`` when present) against the optimizer step."""
+def plot_loss_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "hfbridge fine-tuning",
+                    extra_metrics: Sequence[str] = ()) -> Path:
+    """Plot ``train_loss`` and, beside it, ``val_loss`` (every validation, step-wise or at each epoch's end: one
+    marker each) against the optimizer step; the ``extra_metrics`` present in the file (for example
+    ``["rewards/accuracies", "rewards/margins"]``) in a second panel below, on the same steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series = read_metrics(metrics_csv)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    extra = [key for key in dict.fromkeys(extra_metrics) if key in series]
+    if extra:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, style in (("train_loss", "-"), ("val_loss", "o-")):
         if key in series:
             steps, values = zip(*series[key])
             ax.plot(steps, values, style, label=key.replace("_", " "))
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per label token")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    if extra:
+        for key in extra:
+            steps, values = zip(*series[key])
+            ax2.plot(steps, values, "-" if len(steps) > 1 else "o", label=key)
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+        ax2.set_xlabel("optimizer step")
+    else:
+        ax.set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

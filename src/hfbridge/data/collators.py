@@ -8,7 +8,7 @@ than per micro-batch at once (batches without it are normalised after the step's
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ class PaddedCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    sequence_ids: bool = False  # also return which sample each position belongs to (-1: padding)
 
     def __call__(self, samples: Sequence[TokenizedSample]) -> dict[str, torch.Tensor]:
         if not samples:
@@ -33,12 +34,17 @@ class PaddedCollator:
         input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        ids = torch.full((len(samples), length), -1, dtype=torch.long)
         for row, sample in enumerate(samples):
             n = len(sample.input_ids)
             input_ids[row, :n] = torch.tensor(sample.input_ids, dtype=torch.long)
             labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            ids[row, :n] = row
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.sequence_ids:
+            batch["sequence_ids"] = ids
+        return batch
 
 
 def label_token_count(batch: dict) -> int:
@@ -51,14 +57,17 @@ class StepTokenCounter:
 
     Batches are read ``accumulate_grad_batches`` at a time (the group Lightning accumulates into one optimizer
     step, aligned from the start of the epoch as Lightning aligns it; a shorter last group is counted as it
-    is). Each batch of a group gets ``batch["num_label_tokens"]``, the total over the group.
+    is). Each batch of a group gets ``batch["num_label_tokens"]``, the total over the group; ``counts`` names
+    other totals to stamp the same way (``{key: count(batch)}``, for example the preference pairs of a step).
     """
 
-    def __init__(self, loader: Iterable, accumulate_grad_batches: int = 1):
+    def __init__(self, loader: Iterable, accumulate_grad_batches: int = 1,
+                 counts: dict[str, Callable[[dict], int]] | None = None):
         if accumulate_grad_batches < 1:
             raise ValueError("accumulate_grad_batches must be at least 1")
         self.loader = loader
         self.accumulate_grad_batches = accumulate_grad_batches
+        self.counts = counts if counts is not None else {NUM_LABEL_TOKENS_KEY: label_token_count}
         # Lightning sets the epoch on these for deterministic shuffling.
         self.sampler = getattr(loader, "sampler", None)
         self.batch_sampler = getattr(loader, "batch_sampler", None)
@@ -76,9 +85,9 @@ class StepTokenCounter:
         if group:
             yield from self._stamp(group)
 
-    @staticmethod
-    def _stamp(group: list[dict]) -> list[dict]:
-        total = sum(label_token_count(b) for b in group)
-        for batch in group:
-            batch[NUM_LABEL_TOKENS_KEY] = torch.tensor(total, dtype=torch.long)
+    def _stamp(self, group: list[dict]) -> list[dict]:
+        for key, count in self.counts.items():
+            total = sum(count(b) for b in group)
+            for batch in group:
+                batch[key] = torch.tensor(total, dtype=torch.long)
         return group

@@ -266,7 +266,11 @@ class CausalLMDataModule(pl.LightningDataModule):
             self.train_samples, batch_size=self.batch_size, sampler=sampler,
             collate_fn=self._collate(), num_workers=self.num_workers,
         )
-        return StepTokenCounter(loader, self._accumulate())
+        return StepTokenCounter(loader, self._accumulate(), self._step_counts())
+
+    def _step_counts(self):
+        """What each batch is stamped with, summed over its optimizer step (``None``: its label tokens)."""
+        return None
 
     def _val_dataloader(self):
         self.setup("validate")

@@ -69,13 +69,18 @@ def date_records(n: int, seed: int, split: str, fmt: str = "messages") -> list[d
 def write_demo_data(folder: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0,
                     fmt: str = "messages") -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``test.jsonl`` of the date task into ``folder``; return their paths."""
+    return write_splits(folder, lambda split, n: date_records(n, seed, split, fmt), n_train, n_test)
+
+
+def write_splits(folder: str | Path, records, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """Write ``records(split, n)`` for the train and test splits as ``train.jsonl`` and ``test.jsonl``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, n in (("train", n_train), ("test", n_test)):
         path = folder / f"{split}.jsonl"
         with path.open("w", encoding="utf-8") as f:
-            for record in date_records(n, seed, split, fmt):
+            for record in records(split, n):
                 f.write(json.dumps(record) + "\n")
         paths.append(path)
     return paths[0], paths[1]

@@ -77,6 +77,7 @@ class PackedCollator:
     pack_length: int | None = None
     one_row: bool = False
     pad_to_multiple_of: int | None = None
+    sequence_ids: bool = False  # also return which sample each position belongs to (-1: padding)
 
     def rows(self, samples: Sequence[TokenizedSample]) -> list[list[int]]:
         """The sample indices of each row."""
@@ -95,6 +96,7 @@ class PackedCollator:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = torch.full((len(rows), width), -1, dtype=torch.long)
         for r, row in enumerate(rows):
             start = 0
             for i in row:
@@ -102,9 +104,13 @@ class PackedCollator:
                 input_ids[r, start : start + n] = torch.tensor(samples[i].input_ids, dtype=torch.long)
                 labels[r, start : start + n] = torch.tensor(samples[i].labels, dtype=torch.long)
                 position_ids[r, start : start + n] = torch.arange(n)
+                ids[r, start : start + n] = i
                 start += n
             position_ids[r, start:] = torch.arange(width - start)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.sequence_ids:
+            batch["sequence_ids"] = ids
+        return batch
 
 
 def packing_is_exact(model: nn.Module, rtol: float | None = None) -> tuple[bool, str]:

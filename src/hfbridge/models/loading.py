@@ -328,11 +328,23 @@ def load_tokenizer(model_name: str | os.PathLike, trust_remote_code: bool = Fals
     """The model's tokenizer, with a pad token (EOS when it has none; padding is never trained)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model_name, trust_remote_code)
+    local = Path(model_name)
+    # a folder with its own tokenizer (an adapter folder has no config.json for resolve_model_path)
+    path = local if (local / "tokenizer_config.json").exists() else resolve_model_path(model_name, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def run_folder_model(path: str | os.PathLike) -> Path:
+    """A ``finetune`` run folder's ``model/`` (else its ``adapter/``); any other path as it is."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        for sub in ("model", "adapter"):
+            if (path / sub / "config.json").exists() or (path / sub / "adapter_config.json").exists():
+                return path / sub
+    return path
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:

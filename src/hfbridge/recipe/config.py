@@ -31,8 +31,9 @@ from hfbridge.typed_config import INVALID, ConfigError, build_section, read_yaml
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 TASKS = ("text-generation", "image-text-to-text")
-METHODS = ("sft",)
-DATA_FORMATS = ("auto", "text", "prompt_completion", "messages")
+METHODS = ("sft", "dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward")
+REFERENCES = ("auto", "adapter", "copy", "precomputed", "none")
+DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference", "kto")
 PEFT_TYPES = ("lora", "dora", "ia3", "loha", "lokr", "adalora", "vera", "boft", "oft", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -50,11 +51,19 @@ class ModelSection:
 
 @dataclass
 class MethodSection:
-    """What is trained: the task (the kind of model and data) and the method (``sft``: next-token loss on the
-    completion or assistant turns)."""
+    """What is trained: the task (the kind of model and data) and the method: ``sft`` (next-token loss on the
+    completion or assistant turns), or preference training (docs/preference.md): ``dpo``, ``ipo``, ``hinge``,
+    ``simpo``, ``orpo`` (pairs: ``prompt``/``chosen``/``rejected``), ``kto`` (``prompt``/``completion``/``label``)
+    or ``reward`` (a reward model trained on pairs). The other keys are the preference methods' options."""
 
     task: Literal["text-generation", "image-text-to-text"] = "text-generation"
-    name: Literal["sft"] = "sft"
+    name: str = field(default="sft", metadata={"choices": METHODS})
+    beta: float | None = field(default=None, metadata={"exclusive_min": 0.0})
+    label_smoothing: float = field(default=0.0, metadata={"range": (0.0, 0.5)})
+    reference: str = field(default="auto", metadata={"choices": REFERENCES})
+    simpo_gamma: float = 0.5
+    desirable_weight: float = field(default=1.0, metadata={"exclusive_min": 0.0})
+    undesirable_weight: float = field(default=1.0, metadata={"exclusive_min": 0.0})
 
 
 @dataclass
@@ -153,12 +162,17 @@ class CheckpointSection:
 
 @dataclass
 class EvalSection:
-    """Exact match on up to ``samples`` test records, greedy answers of up to ``max_new_tokens``."""
+    """Exact match on up to ``samples`` test records, greedy answers of up to ``max_new_tokens``; and ``tasks``,
+    lm-evaluation-harness tasks (docs/evaluation.md) scored on the in-memory model before and after training."""
 
     samples: int = field(default=100, metadata={"min": 1})
     max_new_tokens: int = field(default=16, metadata={"min": 1})
     batch_size: int = field(default=16, metadata={"min": 1})
     show_samples: int = field(default=5, metadata={"min": 0})
+    tasks: list[str] | str = field(default_factory=list)
+    tasks_limit: int | None = field(default=None, metadata={"min": 1})
+    tasks_num_fewshot: int | None = field(default=None, metadata={"min": 0})
+    tasks_chat_template: bool = False
 
 
 @dataclass
@@ -167,6 +181,20 @@ class OutputSection:
 
     dir: str = "runs/finetune"
     overwrite: bool = False
+
+
+@dataclass
+class TrackSection:
+    """Experiment trackers (docs/tracking.md): ``metrics.csv`` and ``loss_curve.png`` always; ``loggers`` adds
+    tensorboard, wandb (offline unless ``wandb_mode: online``) and mlflow (a file store in the run folder unless
+    ``mlflow_tracking_uri``), written inside the run folder. ``run_name: null`` is the run folder's name."""
+
+    loggers: list[str] = field(default_factory=list)
+    project: str = "hfbridge"
+    run_name: str | None = None
+    mlflow_tracking_uri: str | None = None
+    wandb_mode: str = field(default="offline", metadata={"choices": ("offline", "online")})
+    wandb_entity: str | None = None
 
 
 @dataclass
@@ -185,6 +213,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
+    track: TrackSection = field(default_factory=TrackSection)
 
     @property
     def lora(self) -> bool:
@@ -198,13 +227,15 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------------- flags
 @dataclass(frozen=True)
 class Flag:
-    """The command-line flag of a config key. ``const``: a flag without a value that sets this value."""
+    """The command-line flag of a config key. ``const``: a flag without a value that sets this value.
+    ``repeatable``: a list key whose flag may be given several times (each value may itself be comma-separated)."""
 
     key: str  # section.key
     flag: str
     help: str = ""
     const: Any = None
     metavar: str | None = None
+    repeatable: bool = False
 
 
 # Every key of RunConfig has a flag: the names `hfbridge finetune` has always taken, the rest `--section-key`.
@@ -216,11 +247,19 @@ FLAGS: tuple[Flag, ...] = (
     Flag("model.trust_remote_code", "--trust-remote-code", "run code shipped with the model"),
     Flag("method.task", "--task", "text-generation (causal LMs, default) or image-text-to-text (vision-language "
          "models: chat records with images, see docs/image_text.md)"),
-    Flag("method.name", "--method", "the training method: sft (next-token loss on completions)"),
+    Flag("method.name", "--method", "sft (next-token loss on completions), dpo, ipo, hinge, simpo, orpo, kto, or "
+         "reward (a reward model); see docs/preference.md"),
+    Flag("method.beta", "--beta", "preference temperature (default 0.1; 2.0 for simpo); orpo: the odds-ratio weight"),
+    Flag("method.label_smoothing", "--label-smoothing", "dpo/simpo conservative label smoothing in [0, 0.5)"),
+    Flag("method.reference", "--reference", "reference model: auto (the adapter disabled with LoRA, else a frozen "
+         "copy), adapter, copy, precomputed (log-probabilities computed once before training), none"),
+    Flag("method.simpo_gamma", "--simpo-gamma", "simpo's target reward margin"),
+    Flag("method.desirable_weight", "--desirable-weight", "kto: weight of desirable examples"),
+    Flag("method.undesirable_weight", "--undesirable-weight", "kto: weight of undesirable examples"),
     Flag("data.train", "--data", "training data: .jsonl, .csv, .parquet or a datasets folder (default: demo task)"),
     Flag("data.validation", "--val-data", "validation data (loss only)"),
     Flag("data.test", "--test-data", "held-out records scored by exact match before and after training"),
-    Flag("data.format", "--format", "auto, text, prompt_completion or messages"),
+    Flag("data.format", "--format", "auto, text, prompt_completion, messages; preference or kto (preference methods)"),
     Flag("data.max_length", "--max-length", "truncate inputs to this many tokens (default: 512, or the model's "
          "context if shorter)"),
     Flag("data.demo_train_size", "--demo-train-size", "records of the bundled demo task"),
@@ -273,8 +312,23 @@ FLAGS: tuple[Flag, ...] = (
     Flag("eval.max_new_tokens", "--max-new-tokens", "tokens generated per held-out answer"),
     Flag("eval.batch_size", "--eval-batch-size", "prompts generated together"),
     Flag("eval.show_samples", "--show-samples", "held-out answers printed after training"),
+    Flag("eval.tasks", "--eval-tasks", "lm-evaluation-harness tasks scored before and after training, e.g. "
+         "hfbridge_dates_mc,hfbridge_dates (needs hfbridge[eval])"),
+    Flag("eval.tasks_limit", "--eval-tasks-limit", "documents per harness task (default: all)"),
+    Flag("eval.tasks_num_fewshot", "--eval-tasks-num-fewshot", "few-shot examples per harness prompt (default: the "
+         "task's)"),
+    Flag("eval.tasks_chat_template", "--eval-tasks-chat-template", "wrap harness prompts in the chat template"),
     Flag("output.dir", "--output", "the run folder (refused if not empty)"),
     Flag("output.overwrite", "--overwrite", "replace a run folder that hfbridge wrote (never another folder)"),
+    Flag("track.loggers", "--logger", "experiment trackers besides metrics.csv: tensorboard, wandb, mlflow (csv is "
+         "always on); repeat or comma-separate for several", metavar="csv|tensorboard|wandb|mlflow", repeatable=True),
+    Flag("track.project", "--track-project", "W&B project and MLflow experiment name (default hfbridge)"),
+    Flag("track.run_name", "--run-name", "the run's name in the trackers (default: the run folder's name)"),
+    Flag("track.mlflow_tracking_uri", "--mlflow-tracking-uri", "MLflow store or server (default: a file store in "
+         "the run folder, <run>/mlruns)"),
+    Flag("track.wandb_mode", "--wandb-mode", "offline (default: written to <run>/wandb, upload later with wandb "
+         "sync) or online"),
+    Flag("track.wandb_entity", "--wandb-entity", "W&B entity (user or team) of an online run"),
 )
 
 
@@ -332,6 +386,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif _annotation(flag.key) is bool:
             group.add_argument(flag.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                help=flag.help)
+        elif flag.repeatable:
+            group.add_argument(flag.flag, dest=dest, action="append", default=None, metavar=flag.metavar or "VALUE",
+                               help=flag.help or None)
         else:
             group.add_argument(flag.flag, dest=dest, default=None, metavar="VALUE", help=flag.help or None)
 
@@ -343,7 +400,11 @@ def flag_overrides(args: argparse.Namespace) -> dict:
         if dest.startswith("cfg:") and value is not None:
             key = dest[4:]
             section, name = key.split(".")
-            nested.setdefault(section, {})[name] = value if isinstance(value, bool) else _parse_flag_value(key, value)
+            if isinstance(value, list):  # a repeatable flag: every value, each possibly comma-separated
+                value = [part.strip() for item in value for part in item.split(",") if part.strip()]
+            elif not isinstance(value, bool):
+                value = _parse_flag_value(key, value)
+            nested.setdefault(section, {})[name] = value
     return nested
 
 
@@ -391,6 +452,9 @@ def normalise(data: dict) -> dict:
     speed = data.get("speed")
     if isinstance(speed, dict) and isinstance(speed.get("packing"), bool):
         speed["packing"] = "on" if speed["packing"] else "off"
+    track = data.get("track")
+    if isinstance(track, dict) and isinstance(track.get("loggers"), str):
+        track["loggers"] = [part.strip() for part in track["loggers"].split(",") if part.strip()]
     return data
 
 
@@ -435,6 +499,10 @@ def validate(cfg: RunConfig) -> list[str]:
                       "(peft.type: lora) for QLoRA")
     if cfg.method.task == "image-text-to-text" and cfg.data.format not in ("auto", "messages"):
         errors.append(f"data.format: image-text-to-text data is in the 'messages' format, not {cfg.data.format!r}")
+    if cfg.track.loggers:  # names known, trackers installed (imported only when asked for: Lightning is slow)
+        from hfbridge.tracking import check_loggers
+
+        errors.extend(check_loggers(cfg.track.loggers))
     return errors
 
 

@@ -37,16 +37,21 @@ class RunResult:
 
 
 def build_trainer(cfg: RunConfig, work: Path | None, job=None, **overrides):
-    """The one Lightning ``Trainer`` of hfbridge runs: per-step CSV metrics in ``work``, gradient clipping by
+    """The one Lightning ``Trainer`` of hfbridge runs: per-step CSV metrics in ``work`` and the trackers of
+    ``track.loggers`` (with the per-step metrics and the config of :mod:`hfbridge.tracking`), gradient clipping by
     ``optim.max_grad_norm``, validation every ``train.validate_every_n_steps`` optimizer steps (default: each
     epoch), a progress bar, and on a parallel ``job`` its strategy and sharded checkpoints."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
+
+    from hfbridge import tracking
 
     train = cfg.train
     kwargs = runtime.trainer_kwargs(job)
     callbacks = [TQDMProgressBar(refresh_rate=1)] if train.progress_bar else []
+    loggers = tracking.build_loggers(cfg, work)
+    if loggers:
+        callbacks += [tracking.StepMetrics(), tracking.LogHyperparameters(cfg.to_dict())]
     kwargs["callbacks"] = callbacks + kwargs.pop("callbacks", [])
     if train.validate_every_n_steps:
         kwargs.update(val_check_interval=train.validate_every_n_steps * train.accumulate,
@@ -55,7 +60,7 @@ def build_trainer(cfg: RunConfig, work: Path | None, job=None, **overrides):
     return pl.Trainer(
         max_epochs=train.epochs, max_steps=train.max_steps or -1, accumulate_grad_batches=train.accumulate,
         gradient_clip_val=cfg.optim.max_grad_norm,
-        logger=CSVLogger(save_dir=str(work), name="", version="") if work is not None else False,
+        logger=loggers or False,
         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=train.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=str(work) if work is not None else None, **kwargs,
@@ -102,10 +107,15 @@ def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
     """Run ``cfg`` (see the module docstring); returns what was scored and saved."""
     import lightning.pytorch as pl
 
-    task = task or task_for(cfg.method.task)
+    task = task or task_for(cfg.method.task, cfg.method.name)
     # 1. Everything cheap: the output folder and the options, then the process group and mesh sizes.
     output = check_output_dir(cfg.output.dir, cfg.output.overwrite)
     task.check(cfg)
+    harness = None  # lm-evaluation-harness tasks (eval.tasks): names and data checked now, scored with the model
+    if cfg.eval.tasks:
+        from hfbridge.harness import lm_eval_runner
+
+        harness = lm_eval_runner.prepare_run_tasks(cfg.eval, task.name)
     if cfg.quantization.load_in_4bit:
         from hfbridge.models import loading
 
@@ -126,12 +136,17 @@ def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
         say(task.loaded_message(cfg, module, time.time() - t0))
 
         # 3. Score before (on a mesh: a gathered copy, on rank 0).
-        before = None
-        if data.test and task.score_before(cfg):
-            before = _score(task, runtime.plain_model(job, module), module, data, cfg, task.before_label(cfg))
+        before = harness_before = None
+        if (data.test or harness) and task.score_before(cfg):
+            plain = runtime.plain_model(job, module)
+            if data.test:
+                before = _score(task, plain, module, data, cfg, task.before_label(cfg))
+            if harness:
+                harness_before = lm_eval_runner.score_run(harness, plain, module.tokenizer, cfg.eval,
+                                                          task.before_label(cfg))
 
         # 4. Train.
-        trainer, train_seconds, after, samples = None, 0.0, None, []
+        trainer, train_seconds, after, samples, harness_after = None, 0.0, None, [], None
         if task.trains(cfg):
             datamodule = task.datamodule(cfg, module, data, context)
             trainer = build_trainer(cfg, work, job, **task.trainer_overrides(cfg))
@@ -147,12 +162,15 @@ def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
         model = runtime.plain_model(job, module)
         if trainer is not None:
             after = _score(task, model, module, data, cfg, "after")
+            if harness:
+                harness_after = lm_eval_runner.score_run(harness, model, module.tokenizer, cfg.eval, "after")
             samples = task.samples(model, module, data, cfg) if model is not None else []
         steps = trainer.global_step if trainer is not None else 0
         if model is not None:
             summary = {
                 **task.summary(cfg), "config": cfg.to_dict(), "model_path": str(model_path), "format": data.format,
                 "data": data.paths, "exact_match_before": before, "exact_match_after": after,
+                "harness_before": harness_before, "harness_after": harness_after,
                 "optimizer_steps": steps, "train_seconds": round(train_seconds, 1), "samples": samples,
                 "torch": torch.__version__,
             }

@@ -164,7 +164,7 @@ class Task:
         from hfbridge.reporting import plot_loss_curve
 
         if (work / "metrics.csv").exists():
-            plot_loss_curve(work / "metrics.csv", work / "loss_curve.png")
+            plot_loss_curve(work / "metrics.csv", work / "loss_curve.png", extra_metrics=self.plotted_metrics(cfg))
         preprocessor = self.preprocessor(module)
         if cfg.lora:
             save_hf_folder(model, work / "adapter", preprocessor)
@@ -173,6 +173,10 @@ class Task:
         else:
             save_hf_folder(model, work / "model", preprocessor)
         (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    def plotted_metrics(self, cfg: RunConfig) -> tuple[str, ...]:
+        """Metrics drawn in a second panel of ``loss_curve.png`` beside the losses."""
+        return ()
 
     def saved_message(self, cfg: RunConfig, output: Path) -> str:
         return (f"saved to {output}/ (model/, {'adapter/, ' if cfg.lora else ''}metrics.csv, loss_curve.png, "
@@ -348,10 +352,123 @@ class ImageTextTask(Task):
         return 1 if cfg.model.name == DEMO_IMAGE_TEXT_MODEL else None
 
 
+class PreferenceTask(TextTask):
+    """Preference training of causal LMs (``--method dpo|ipo|hinge|simpo|orpo|kto|reward``, docs/preference.md):
+    pairs or KTO examples in, a policy (or a reward model) out. Held-out pairs are scored before and after: how
+    often the model's likelihood prefers the chosen completion (a reward model: its reward), and exact match of
+    the greedy answer against the chosen one."""
+
+    def check(self, cfg: RunConfig) -> None:
+        from hfbridge.models.preference import check_preference_options
+
+        method = cfg.method.name
+        if cfg.data.format not in ("auto", "preference", "kto"):
+            raise ValueError(f"data.format: {method} trains on preference records (preference or kto), not "
+                             f"{cfg.data.format!r}")
+        if method == "reward":
+            if cfg.speed.packing == "on":
+                raise ValueError("speed.packing: a reward model scores one padded row per sequence; use --packing "
+                                 "auto or off")
+            return
+        mesh = bool(cfg.parallel.sharding_axis_dims or cfg.parallel.nproc_per_node)
+        check_preference_options(method, cfg.method.beta, cfg.method.label_smoothing, cfg.method.reference,
+                                 adapter=cfg.lora, mesh=mesh, load_in_4bit=cfg.quantization.load_in_4bit)
+        if cfg.checkpoint.resume and cfg.method.reference == "precomputed" and not cfg.lora:
+            raise ValueError("checkpoint.resume: a precomputed reference of full fine-tuning is the model as it was "
+                             "before training, which a resumed run no longer has; use an adapter or reference copy")
+
+    def write_demo_data(self, folder: Path, cfg: RunConfig) -> tuple[Path, Path]:
+        from hfbridge.data.demo_preference import write_preference_data
+
+        fmt = "kto" if cfg.method.name == "kto" else "preference"
+        say(f"no --data given: using the bundled date task as preference pairs ({cfg.data.demo_train_size} "
+            "prompts; chosen: the ISO date, rejected: the input's format, a chatty sentence or day/month order)")
+        return write_preference_data(folder, n_train=cfg.data.demo_train_size, seed=cfg.train.seed, fmt=fmt)
+
+    def load_records(self, path, fmt: str) -> tuple[list, str]:
+        from hfbridge.data.preference import load_preference_records
+
+        records, fmt = load_preference_records(path, fmt)
+        return records, fmt
+
+    def read_data(self, cfg: RunConfig, work: Path) -> TaskData:
+        data = super().read_data(cfg, work)
+        wanted = "kto" if cfg.method.name == "kto" else "preference"
+        if data.format != wanted:
+            raise ValueError(f"data.train: --method {cfg.method.name} needs {wanted} records, but "
+                             f"{data.paths.get('train')} holds {data.format} records")
+        return data
+
+    def prompts_and_references(self, records: list, fmt: str) -> list | None:
+        """Pairs stay whole (for preference accuracy); the prompts and chosen answers are what generation is
+        scored on (KTO: the desirable examples)."""
+        self.test_examples = [r for r in records if r.desirable is not False]
+        return [(r.prompt, _text(r.completions[0])) for r in self.test_examples]
+
+    def module(self, cfg: RunConfig, model_path: Path, job):
+        from hfbridge.models.preference import HFPreferenceModel, HFRewardModel
+
+        options = module_options(cfg, job)
+        if cfg.method.name == "reward":
+            return HFRewardModel(model_name=str(model_path), **options)
+        m = cfg.method
+        return HFPreferenceModel(model_name=str(model_path), method=m.name, beta=m.beta,
+                                 label_smoothing=m.label_smoothing, reference=m.reference, simpo_gamma=m.simpo_gamma,
+                                 desirable_weight=m.desirable_weight, undesirable_weight=m.undesirable_weight,
+                                 **options)
+
+    def datamodule(self, cfg: RunConfig, module, data: TaskData, context: int | None):
+        from hfbridge.data.preference import PreferenceDataModule
+
+        max_length = cfg.data.max_length or min(512, context or 512)
+        packing = False if cfg.method.name == "reward" else _packing(cfg)
+        return PreferenceDataModule(
+            module.tokenizer, data.train, data.validation, data_format=data.format, max_length=max_length,
+            batch_size=cfg.train.batch_size, seed=cfg.train.seed, packing=packing, pack_length=cfg.speed.pack_length,
+        )
+
+    def score(self, model, module, data: TaskData, cfg: RunConfig, label: str) -> Score | None:
+        from hfbridge.evaluation import preference_accuracy
+
+        if not data.test:
+            return None
+        pairs = [e for e in self.test_examples if len(e.completions) == 2]
+        value: dict = {}
+        parts = []
+        if pairs:
+            value["preference_accuracy"] = preference_accuracy(model, module.tokenizer, pairs, cfg.eval.batch_size,
+                                                               reward=cfg.method.name == "reward")
+            what = "reward" if cfg.method.name == "reward" else "likelihood"
+            parts.append(f"prefers the chosen answer ({what}) on {value['preference_accuracy']:.1%} of "
+                         f"{len(pairs)} held-out pairs")
+        if cfg.method.name != "reward":
+            generated = super().score(model, module, data, cfg, label)
+            value["exact_match"] = generated.value
+            parts.append(f"exact match of the greedy answer with the chosen one {generated.value:.1%}")
+        return Score(value, f"{label} training: " + "; ".join(parts))
+
+    def samples(self, model, module, data: TaskData, cfg: RunConfig) -> list[dict]:
+        return [] if cfg.method.name == "reward" else super().samples(model, module, data, cfg)
+
+    def summary(self, cfg: RunConfig) -> dict:
+        return {"task": self.name, "method": cfg.method.name}
+
+    def plotted_metrics(self, cfg: RunConfig) -> tuple[str, ...]:
+        return ("rewards/accuracies", "rewards/margins")
+
+
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else completion["content"]
+
+
 TASKS = {task.name: task for task in (TextTask, ImageTextTask)}
 
 
-def task_for(name: str) -> Task:
+def task_for(name: str, method: str = "sft") -> Task:
     if name not in TASKS:
         raise ValueError(f"method.task: unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    if method != "sft":
+        if name != "text-generation":
+            raise ValueError(f"method.name: {method} trains text models; --task {name} trains with sft only")
+        return PreferenceTask()
     return TASKS[name]()

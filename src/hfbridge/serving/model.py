@@ -45,15 +45,6 @@ def _declarative_dir(path: Path) -> Path | None:
     return None
 
 
-def _run_folder_model(path: Path) -> Path:
-    """A ``finetune`` run folder's ``model/`` (else ``adapter/``); any other path as it is."""
-    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-        for sub in ("model", "adapter"):
-            if (path / sub / "config.json").exists() or (path / sub / "adapter_config.json").exists():
-                return path / sub
-    return path
-
-
 def _sampling_defaults(settings: dict) -> dict:
     """A model whose generation config samples keeps sampling when a request says nothing; others are greedy."""
     if not settings.get("do_sample"):
@@ -79,9 +70,9 @@ def open_served_model(model: str | None = None, config: str | None = None, *, de
                        trust_remote_code=trust_remote_code)
         name = model_id or (default_model_id(model) if model else llm.model_name)
         return ServedModel(llm.model, llm.tokenizer, name, llm=llm, sampling=_sampling_defaults(llm.generation))
-    from hfbridge.models.loading import load_for_inference
+    from hfbridge.models.loading import load_for_inference, run_folder_model
 
-    source = _run_folder_model(Path(model)) if Path(model).exists() else model
+    source = run_folder_model(model) if Path(model).exists() else model
     loaded, tokenizer = load_for_inference(source, dtype, trust_remote_code)
     loaded.to(_device(device))
     generation_config = getattr(loaded, "generation_config", None)
