@@ -6,6 +6,7 @@
     hfbridge serve --model DIR [--port 8000] [--api-key KEY]                OpenAI-compatible HTTP server
     hfbridge demo-data --output DIR                                         write the bundled demo task
     hfbridge score --model RUN --data texts.jsonl                           rewards from a reward model
+    hfbridge eval --model RUN --tasks hfbridge_dates                        lm-evaluation-harness tasks
     hfbridge export --model RUN --format gguf [--quant q8_0] --output F.gguf   GGUF for llama.cpp / Ollama
 """
 
