@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "HFBRIDGE_TOKEN_CACHE" not in os.environ:  # the tests' tokenization cache entries stay out of the user's cache
+    import tempfile
+
+    os.environ["HFBRIDGE_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="hfbridge-test-tokens-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

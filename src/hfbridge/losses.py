@@ -272,16 +272,10 @@ def pair_losses(
     * ``orpo`` (no reference): ``-β·log σ(log odds(ā_c) - log odds(ā_r))``, the odds-ratio term only: the NLL of
       the chosen completion is added by the caller (normalised by its tokens over the optimizer step).
 
-    Rewards: ``β·(π - ref)`` (dpo/hinge), on per-token means for ipo; ``β·ā`` for simpo and orpo.
+    Rewards: ``β·(π - ref)`` on summed log-probabilities (dpo, ipo, hinge); ``β·ā`` for simpo and orpo.
     """
-    if method in ("ipo", "simpo", "orpo"):
-        if chosen_counts is None or rejected_counts is None:
-            raise ValueError(f"{method} needs the label-token counts of each sequence")
-        chosen_logps = chosen_logps / chosen_counts.clamp(min=1)
-        rejected_logps = rejected_logps / rejected_counts.clamp(min=1)
-        if method == "ipo":
-            ref_chosen_logps = ref_chosen_logps / chosen_counts.clamp(min=1)
-            ref_rejected_logps = ref_rejected_logps / rejected_counts.clamp(min=1)
+    if method in ("ipo", "simpo", "orpo") and (chosen_counts is None or rejected_counts is None):
+        raise ValueError(f"{method} needs the label-token counts of each sequence")
     if method in ("dpo", "ipo", "hinge"):
         if ref_chosen_logps is None or ref_rejected_logps is None:
             raise ValueError(f"{method} needs the reference model's log-probabilities")
@@ -290,11 +284,15 @@ def pair_losses(
         h = chosen_ratio - rejected_ratio
         if method == "dpo":
             losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
-        elif method == "ipo":
-            losses = (h - 1 / (2 * beta)) ** 2
+        elif method == "ipo":  # on per-token means (TRL's normalisation); the rewards stay on sums
+            h_mean = chosen_ratio / chosen_counts.clamp(min=1) - rejected_ratio / rejected_counts.clamp(min=1)
+            losses = (h_mean - 1 / (2 * beta)) ** 2
         else:
             losses = torch.relu(1 - beta * h)
         return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+    if method in ("simpo", "orpo"):
+        chosen_logps = chosen_logps / chosen_counts.clamp(min=1)
+        rejected_logps = rejected_logps / rejected_counts.clamp(min=1)
     if method == "simpo":
         logits = beta * (chosen_logps - rejected_logps) - gamma
         losses = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing

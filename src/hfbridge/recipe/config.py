@@ -69,14 +69,30 @@ class MethodSection:
 @dataclass
 class DataSection:
     """Records from ``.jsonl``, ``.csv``, ``.parquet`` or a ``datasets`` folder. ``train: null`` uses the task's
-    bundled demo data (``demo_train_size`` records). ``test`` records are scored by exact match before and after."""
+    bundled demo data (``demo_train_size`` records); a list of sources (``PATH``, ``PATH:WEIGHT`` or
+    ``{path, weight, max_samples, epochs}``) is a mixture (docs/data.md). ``test`` records are scored by exact
+    match before and after. Tokenized samples are cached on disk (``cache``, ``cache_dir``, ``rebuild_cache``)."""
 
-    train: str | None = None
+    train: str | list[str | dict] | None = None
     validation: str | None = None
     test: str | None = None
     format: str = field(default="auto", metadata={"choices": DATA_FORMATS})
     max_length: int | None = field(default=None, metadata={"min": 2})
     demo_train_size: int = field(default=400, metadata={"min": 1})
+    cache: bool = True
+    rebuild_cache: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.train, list):
+            return
+        only = self.train[0] if len(self.train) == 1 else None
+        if isinstance(only, str) and ":" not in only and only.strip():
+            self.train = only.strip()  # `--data a.jsonl`: the plain path it has always been
+            return
+        from hfbridge.data.mixture import normalise_train  # (imports the data layer: only for a mixture)
+
+        self.train = normalise_train(self.train)  # each source checked, naming its position
 
 
 @dataclass
@@ -256,13 +272,20 @@ FLAGS: tuple[Flag, ...] = (
     Flag("method.simpo_gamma", "--simpo-gamma", "simpo's target reward margin"),
     Flag("method.desirable_weight", "--desirable-weight", "kto: weight of desirable examples"),
     Flag("method.undesirable_weight", "--undesirable-weight", "kto: weight of undesirable examples"),
-    Flag("data.train", "--data", "training data: .jsonl, .csv, .parquet or a datasets folder (default: demo task)"),
+    Flag("data.train", "--data", "training data: .jsonl, .csv, .parquet or a datasets folder (default: demo task); "
+         "repeat (or comma-separate) for a mixture, each PATH or PATH:WEIGHT (docs/data.md)",
+         metavar="PATH[:WEIGHT]", repeatable=True),
     Flag("data.validation", "--val-data", "validation data (loss only)"),
     Flag("data.test", "--test-data", "held-out records scored by exact match before and after training"),
     Flag("data.format", "--format", "auto, text, prompt_completion, messages; preference or kto (preference methods)"),
     Flag("data.max_length", "--max-length", "truncate inputs to this many tokens (default: 512, or the model's "
          "context if shorter)"),
     Flag("data.demo_train_size", "--demo-train-size", "records of the bundled demo task"),
+    Flag("data.cache", "--cache", "keep tokenized samples on disk and reuse them when the records, tokenizer, chat "
+         "template, format and max length are the same (default on; --no-cache: tokenize every run)"),
+    Flag("data.rebuild_cache", "--rebuild-cache", "tokenize again and replace the cached samples"),
+    Flag("data.cache_dir", "--cache-dir", "the tokenization cache folder (default $XDG_CACHE_HOME/hfbridge/tokens "
+         "or ~/.cache/hfbridge/tokens)"),
     Flag("peft.type", "--peft", "adapter: lora (default), dora, ia3, loha, lokr, adalora, vera, boft, oft, or none"),
     Flag("peft.type", "--full", "full fine-tuning instead of an adapter (--peft none)", const="none"),
     Flag("peft.r", "--lora-r", "adapter rank"),

@@ -169,7 +169,8 @@ def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
         if model is not None:
             summary = {
                 **task.summary(cfg), "config": cfg.to_dict(), "model_path": str(model_path), "format": data.format,
-                "data": data.paths, "exact_match_before": before, "exact_match_after": after,
+                "data": data.paths, "data_mixture": getattr(task, "data_mixture", None),
+                "exact_match_before": before, "exact_match_after": after,
                 "harness_before": harness_before, "harness_after": harness_after,
                 "optimizer_steps": steps, "train_seconds": round(train_seconds, 1), "samples": samples,
                 "torch": torch.__version__,

@@ -54,15 +54,26 @@ class Task:
         """Every record read and checked: the training data (the task's demo data, written into ``work/data``,
         when none is given), the validation data, and up to ``eval.samples`` test records as prompts and
         references."""
+        from hfbridge.data.mixture import build_mixture, parse_sources
+
         train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
         if train_path is None:
             train_path, demo_test = self.write_demo_data(work / "data", cfg)
             test_path = test_path or demo_test
-        train, fmt = self.load_records(train_path, cfg.data.format)
-        val = self.load_records(val_path, fmt)[0] if val_path else None
-        test = self.load_records(test_path, fmt)[0][: cfg.eval.samples] if test_path else None
-        pairs = self.prompts_and_references(test, fmt) if test else None
-        return TaskData(train, val, pairs, fmt, {"train": str(train_path), "test": str(test_path)})
+        # One source or a mixture of several (docs/data.md), each read and checked in its own format; a text
+        # task's sft data module tokenizes source by source, so only it takes sources of different formats.
+        specs = parse_sources(str(train_path) if isinstance(train_path, Path) else train_path)
+        self.mixture = build_mixture(specs, self.load_records, cfg.data.format, cfg.train.seed,
+                                     mixed_formats=type(self).datamodule is TextTask.datamodule,
+                                     task_label=f"--task {self.name} --method {cfg.method.name}")
+        train, fmt = self.mixture.records, self.mixture.format
+        own = fmt if len(set(self.mixture.formats)) == 1 else cfg.data.format  # mixed: each file its own
+        val, self.val_format = self.load_records(val_path, own) if val_path else (None, None)
+        test, test_fmt = self.load_records(test_path, own) if test_path else (None, fmt)
+        test = test[: cfg.eval.samples] if test else None
+        pairs = self.prompts_and_references(test, test_fmt) if test else None
+        train_paths = str(train_path) if len(specs) == 1 else [s.path for s in specs]
+        return TaskData(train, val, pairs, fmt, {"train": train_paths, "test": str(test_path)})
 
     def write_demo_data(self, folder: Path, cfg: RunConfig) -> tuple[Path, Path]:
         raise NotImplementedError
@@ -247,13 +258,30 @@ class TextTask(Task):
 
     def datamodule(self, cfg: RunConfig, module, data: TaskData, context: int | None):
         from hfbridge.data.datamodule import CausalLMDataModule
+        from hfbridge.data.mixture import MixtureDataModule, share_lines
+        from hfbridge.data.token_cache import cached_tokenize
 
         max_length = cfg.data.max_length or min(512, context or 512)
-        return CausalLMDataModule(
-            module.tokenizer, data.train, data.validation, data_format=data.format, max_length=max_length,
-            batch_size=cfg.train.batch_size, seed=cfg.train.seed, packing=_packing(cfg),
-            pack_length=cfg.speed.pack_length,
-        )
+        options = dict(max_length=max_length, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                       packing=_packing(cfg), pack_length=cfg.speed.pack_length)
+        mixture = getattr(self, "mixture", None)
+        if mixture is None or mixture.records is not data.train:  # records not read by read_data
+            return CausalLMDataModule(module.tokenizer, data.train, data.validation, data_format=data.format,
+                                      **options)
+
+        def tokenize(records: list, fmt: str, label: str):
+            return cached_tokenize(module.tokenizer, records, fmt, max_length, enabled=cfg.data.cache,
+                                   rebuild=cfg.data.rebuild_cache, root=cfg.data.cache_dir, label=label)[0]
+
+        datamodule = MixtureDataModule(module.tokenizer, mixture, data.validation,
+                                       getattr(self, "val_format", None) or mixture.formats[0], tokenize, **options)
+        datamodule.setup("fit")  # tokenized (or read from the cache) now, to report what each source gives
+        self.data_mixture = datamodule.report
+        say(f"training data: {self.data_mixture['samples']} samples, {self.data_mixture['label_tokens']} label "
+            f"tokens per epoch from {len(mixture.sources)} source{'s' if len(mixture.sources) > 1 else ''}:")
+        for line in share_lines(self.data_mixture):
+            say(line)
+        return datamodule
 
     def answer(self, model, module, prompts: list, cfg: RunConfig) -> list[str]:
         from hfbridge.generation import generate
