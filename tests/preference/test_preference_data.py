@@ -104,3 +104,40 @@ def test_packed_and_padded_batches_hold_the_same_sequences(tiny_tokenizer, strin
         b = packed["labels"][packed["sequence_ids"] == seq]
         assert a.tolist() == b.tolist()
     assert int(padded["num_pairs_micro"]) == 3
+
+
+def test_shared_prompt_rows_hold_each_prompt_once_and_give_the_padded_numbers(tiny_model_dir, tiny_tokenizer,
+                                                                             string_pairs, chat_pairs):
+    import torch
+
+    from hfbridge import LoRA
+    from hfbridge.data.preference import PREFIX_ID, shared_prompt_is_exact
+    from hfbridge.models.preference import HFPreferenceModel
+
+    module = HFPreferenceModel(model_name=str(tiny_model_dir), tokenizer=tiny_tokenizer, method="dpo",
+                               model_transform=LoRA(r=4, alpha=8, dropout=0.0))
+    module.configure_model()
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    assert shared_prompt_is_exact(module.model)[0]
+    for records in (string_pairs[:5], chat_pairs[:5]):
+        examples, _ = load_preference_records(records)
+        samples = [tokenize_preference_example(tiny_tokenizer, e) for e in examples]
+        padded = PreferenceCollator(tiny_tokenizer.pad_token_id)(samples)
+        shared = PreferenceCollator(tiny_tokenizer.pad_token_id, PackedCollator(tiny_tokenizer.pad_token_id, 96),
+                                    share_prompt=True)(samples)
+        assert shared["attention_mask"].dim() == 4
+        prompt_tokens = sum(len(s.prompt_ids) - 1 for s in samples)
+        assert int((shared["sequence_ids"] == PREFIX_ID).sum()) == prompt_tokens  # each prompt once
+        assert module.batch_token_counts(shared)[0] == module.batch_token_counts(padded)[0] - prompt_tokens
+        results = []
+        for batch in (padded, shared):
+            module.model.zero_grad()
+            out = module.preference_outputs(batch)
+            out["loss"].backward()
+            grads = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
+            results.append((out["loss"].item(), out["rewards/margins"], out["logps/rejected"], grads))
+        (l0, m0, r0, g0), (l1, m1, r1, g1) = results
+        assert abs(l0 - l1) < 1e-6 and abs(m0 - m1) < 1e-5 and abs(r0 - r1) < 1e-4
+        assert torch.allclose(g0, g1, atol=1e-6)

@@ -41,8 +41,9 @@ from hfbridge.data.formats import (
     render_chat,
     shift_for_causal_lm,
 )
-from hfbridge.data.packing import PackedCollator
+from hfbridge.data.packing import PackedCollator, best_fit_decreasing
 from hfbridge.data.sources import DataSourceError
+from hfbridge.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ class PreferenceCollator:
     pad_token_id: int
     packed: PackedCollator | None = None
     max_length: int | None = None
+    share_prompt: bool = False  # pairs: each prompt once, its completions beside it (needs ``packed``)
 
     def rows(self, sequences: Sequence[TokenizedSample]) -> dict[str, torch.Tensor]:
         if self.packed is not None:
@@ -246,8 +248,11 @@ class PreferenceCollator:
         if not samples:
             raise ValueError("cannot collate an empty batch")
         width = len(samples[0].sequences)
-        sequences = [s.sequences[k] for k in range(width) for s in samples]  # chosen block, then rejected block
-        batch = self.rows(sequences)
+        if self.share_prompt and self.packed is not None and width > 1:
+            batch = shared_prompt_rows(samples, self.pad_token_id, self.packed.pack_length)
+        else:
+            sequences = [s.sequences[k] for k in range(width) for s in samples]  # chosen block, then rejected block
+            batch = self.rows(sequences)
         batch[PAIRS_KEY + "_micro"] = torch.tensor(len(samples), dtype=torch.long)
         if all(s.reference is not None for s in samples):
             batch["reference_logps"] = torch.tensor(
@@ -259,6 +264,98 @@ class PreferenceCollator:
                   for i in range(n)]
             batch["kl"] = self.rows(kl)
         return batch
+
+
+PREFIX_ID = -2  # sequence_ids of a shared prompt's positions (padding is -1)
+
+
+def shared_prompt_rows(samples: Sequence[PreferenceSample], pad_token_id: int, pack_length: int | None = None) -> dict:
+    """Rows in which each example's prompt appears once, followed by each of its completions, packed padding-free.
+
+    A completion's positions attend to its own prompt and to its own earlier positions, never to the other
+    completion (a 4-D ``attention_mask``, True where attention is allowed), and continue the prompt's position ids,
+    so every completion is computed exactly as if it followed its prompt alone; the prompt's activations are
+    computed once for both. The last prompt token starts each completion's branch: its label is that completion's
+    first token. Groups (one example each) are packed into rows of at most ``pack_length`` positions (``None``: the
+    longest group) by best-fit decreasing; padding attends only to itself. ``sequence_ids``: sequence ``k * n + i``
+    for completion ``k`` of example ``i``, :data:`PREFIX_ID` for shared prompt positions, -1 for padding.
+    """
+    n = len(samples)
+    groups = []
+    for i, sample in enumerate(samples):
+        shared = max(len(sample.prompt_ids) - 1, 0)
+        prefix = sample.sequences[0].input_ids[:shared]
+        branches = []
+        for k, seq in enumerate(sample.sequences):
+            if seq.input_ids[:shared] != prefix or any(t != IGNORE_INDEX for t in seq.labels[:shared]):
+                raise ValueError("the completions of an example do not share its prompt tokens")
+            branches.append((k * n + i, seq.input_ids[shared:], seq.labels[shared:]))
+        groups.append((prefix, branches))
+    lengths = [len(prefix) + sum(len(ids) for _, ids, _ in branches) for prefix, branches in groups]
+    rows = best_fit_decreasing(lengths, pack_length or max(lengths))
+    width = max(sum(lengths[g] for g in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        at = 0
+        for g in row:
+            prefix, branches = groups[g]
+            s0, s = at, len(prefix)
+            input_ids[r, s0 : s0 + s] = torch.tensor(prefix, dtype=torch.long)
+            position_ids[r, s0 : s0 + s] = torch.arange(s)
+            sequence_ids[r, s0 : s0 + s] = PREFIX_ID
+            mask[r, 0, s0 : s0 + s, s0 : s0 + s] = torch.ones(s, s, dtype=torch.bool).tril()
+            at += s
+            for seq_id, ids, labs in branches:
+                m = len(ids)
+                input_ids[r, at : at + m] = torch.tensor(ids, dtype=torch.long)
+                labels[r, at : at + m] = torch.tensor(labs, dtype=torch.long)
+                position_ids[r, at : at + m] = torch.arange(s, s + m)
+                sequence_ids[r, at : at + m] = seq_id
+                mask[r, 0, at : at + m, s0 : s0 + s] = True
+                mask[r, 0, at : at + m, at : at + m] = torch.ones(m, m, dtype=torch.bool).tril()
+                at += m
+        for p in range(at, width):  # padding: itself only (a row of the mask with nothing allowed is NaN)
+            mask[r, 0, p, p] = True
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
+            "sequence_ids": sequence_ids}
+
+
+def shared_prompt_is_exact(model, rtol: float | None = None) -> tuple[bool, str]:
+    """Whether ``model`` computes two completions that share one prompt (:func:`shared_prompt_rows`: a 4-D mask
+    and continued position ids) exactly as each after its prompt alone; checked on random tokens, eval mode."""
+    from hfbridge._shared import eager
+
+    weight = next(model.parameters())
+    vocab = model.get_input_embeddings().weight.shape[0] if hasattr(model, "get_input_embeddings") else 100
+    g = torch.Generator().manual_seed(0)
+    prompt, chosen, rejected = (torch.randint(0, vocab, (k,), generator=g).tolist() for k in (5, 3, 4))
+    sample = PreferenceSample(
+        tuple(scored_sequence(prompt, c, None) for c in (chosen, rejected)), prompt, (chosen, rejected))
+    batch = shared_prompt_rows([sample], 0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), eager():
+            inputs = {k: batch[k].to(weight.device) for k in ("input_ids", "position_ids", "attention_mask")}
+            shared = model(**inputs, use_cache=False).logits.float()[0]
+            alone = [model(input_ids=torch.tensor([seq.input_ids], device=weight.device), use_cache=False)
+                     .logits.float()[0] for seq in sample.sequences]
+    except Exception as e:  # a model that cannot take a 4-D mask keeps one row per sequence
+        return False, f"the model does not take a custom 4-D attention mask ({type(e).__name__}: {e})"
+    finally:
+        model.train(was_training)
+    ids = batch["sequence_ids"][0]
+    tol = rtol if rtol is not None else (1e-4 if weight.dtype == torch.float32 else 3e-2)
+    for k, logits in enumerate(alone):
+        ours = torch.cat([shared[ids == PREFIX_ID], shared[ids == k]])
+        err = float((ours - logits).abs().max())
+        if err > tol * float(logits.abs().max().clamp(min=1.0)):
+            return False, f"a completion beside another differs from the completion alone (off by {err:.3g})"
+    return True, "completions beside a shared prompt equal each completion alone"
 
 
 def _pairs_in(batch: dict) -> int:
@@ -280,6 +377,13 @@ class PreferenceDataModule(CausalLMDataModule):
     (``num_chosen_tokens``) of its whole optimizer step, so the loss is normalised over the step.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if kwargs.get("pack_length") is None:
+            # rows as long as the micro-batch's longest sequence: packing then removes padding without making the
+            # attention of a row (quadratic in its length, block-diagonal mask) longer than padding would
+            self.packed_collator.pack_length = None
+
     def _load_records(self, data, data_format: str):
         return load_preference_records(data, data_format)
 
@@ -293,9 +397,21 @@ class PreferenceDataModule(CausalLMDataModule):
             raise DataSourceError(f"{split}: no preference example")
         return samples
 
+    def use_prompt_sharing(self) -> bool:
+        """Whether pairs share their prompt in a row (:func:`shared_prompt_rows`): when packing is on and the
+        model is checked to compute a completion beside another exactly as alone (decided once)."""
+        decided = getattr(self, "_sharing_decision", None)
+        if decided is None:
+            decided, model = False, self._model()
+            if self.use_packing() and model is not None:
+                decided, reason = shared_prompt_is_exact(model)
+                log.info("prompt sharing: %s (%s)", "on" if decided else "off", reason)
+            self._sharing_decision = decided
+        return decided
+
     def _collate(self):
         packed = self.packed_collator if self.use_packing() else None
-        return PreferenceCollator(self.pad_token_id, packed, self.max_length)
+        return PreferenceCollator(self.pad_token_id, packed, self.max_length, share_prompt=self.use_prompt_sharing())
 
     def _step_counts(self):
         return {PAIRS_KEY: _pairs_in, CHOSEN_TOKENS_KEY: _chosen_tokens_in}

@@ -194,7 +194,10 @@ class _PreferenceSteps:
     def batch_token_counts(self, batch: dict) -> tuple[int, int]:
         """``(tokens, label tokens)`` of a batch, for throughput."""
         labels = batch["labels"]
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(labels.numel())
+        if "sequence_ids" in batch:  # -1: padding
+            tokens = int((batch["sequence_ids"] != -1).sum())
+        else:
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(labels.numel())
         return tokens, int((labels != IGNORE_INDEX).sum())
 
 
@@ -353,8 +356,9 @@ class HFPreferenceModel(_PreferenceSteps, HFAutoModelForCausalLM):
         if self.method == "kto":
             return self._kto_outputs(batch)
         n = int(batch[MICRO_PAIRS_KEY]) if MICRO_PAIRS_KEY in batch else (int(batch["sequence_ids"].max()) + 1) // 2
-        logps, counts = self._logps(self.model, batch, 2 * n)
+        # the reference first: its forward's memory is freed before the policy's activations are built up
         ref = self._reference_logps(batch, 2 * n)
+        logps, counts = self._logps(self.model, batch, 2 * n)
         chosen, rejected = logps[:n], logps[n:]
         ref_c, ref_r = (ref[:n], ref[n:]) if ref is not None else (None, None)
         losses, chosen_rewards, rejected_rewards = pair_losses(
@@ -376,7 +380,6 @@ class HFPreferenceModel(_PreferenceSteps, HFAutoModelForCausalLM):
     def _kto_outputs(self, batch: dict) -> dict:
         desirable = batch["desirable"].bool()
         n = desirable.numel()
-        logps, _ = self._logps(self.model, batch, n)
         ref = self._reference_logps(batch, n)
         with torch.no_grad():  # the KL baseline: each prompt with another example's completion
             kl_batch = batch["kl"]
@@ -385,7 +388,8 @@ class HFPreferenceModel(_PreferenceSteps, HFAutoModelForCausalLM):
                 ref_kl, _ = self._logps(ref_model, kl_batch, n)
             (kl_sum,) = self._dp_sum(float((policy_kl - ref_kl).sum()))
             (kl_count,) = self._dp_sum(n)
-            kl = torch.tensor(max(kl_sum / max(kl_count, 1.0), 0.0), device=logps.device)
+            kl = torch.tensor(max(kl_sum / max(kl_count, 1.0), 0.0), device=ref.device)
+        logps, _ = self._logps(self.model, batch, n)
         losses, rewards = kto_losses(logps, ref, desirable, kl, self.beta, self.desirable_weight,
                                      self.undesirable_weight)
         good, bad = rewards[desirable], rewards[~desirable]
