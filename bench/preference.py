@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -238,20 +237,9 @@ def child(args) -> None:
 
 
 def run_child(name: str, args) -> dict:
-    """One system in its own process; its RESULT line, or an error."""
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--device", args.device, "--runner", name]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return {"error": "failed (see stderr)"}
-    r = json.loads(line[len("RESULT "):])
-    r["wall_seconds"] = round(time.time() - t0, 1)
-    print(f"# {name}: {r['tokens'] / r['seconds']:.1f} label tok/s, {r['tokens'] / r['cpu_seconds']:.1f} per CPU-s, "
-          f"losses {r['losses'][0]:.4f} -> {r['loss']:.4f}, {r['peak_rss_mb']:.0f} MB, {r['wall_seconds']:.0f}s",
-          file=sys.stderr, flush=True)
-    return r
+    """One system in its own process (bench/speed.py's runner)."""
+    return speed.run_child(name, args, script=__file__,
+                           describe=lambda r: f"losses {r['losses'][0]:.4f} -> {r['loss']:.4f}")
 
 
 def _speed(r: dict, key: str) -> float:

@@ -462,9 +462,10 @@ def report(args, results: dict[str, dict]) -> None:
           "memory / TRL padded: peak memory over TRL padded's (<1: smaller)")
 
 
-def run_child(name: str, args) -> dict:
-    """One system in its own process; its RESULT line, or an error."""
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--device", args.device, "--runner", name]
+def run_child(name: str, args, script: str = __file__, describe=None) -> dict:
+    """One system in its own process (``script --runner name``); its RESULT line, or an error. ``describe(r)``:
+    the part of the progress line after the speeds (default: the final and held-out loss)."""
+    cmd = [sys.executable, script, *sys.argv[1:], "--device", args.device, "--runner", name]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -473,9 +474,9 @@ def run_child(name: str, args) -> dict:
         return {"error": "failed (see stderr)"}
     r = json.loads(line[len("RESULT "):])
     r["wall_seconds"] = round(time.time() - t0, 1)
+    detail = describe(r) if describe else f"loss {r['loss']:.4f}, held-out {r['heldout_loss']:.4f}"
     print(f"# {name}: {r['tokens'] / r['seconds']:.1f} label tok/s, {r['tokens'] / r['cpu_seconds']:.1f} per CPU-s, "
-          f"loss {r['loss']:.4f}, held-out {r['heldout_loss']:.4f}, {r['peak_rss_mb']:.0f} MB, "
-          f"{r['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
+          f"{detail}, {r['peak_rss_mb']:.0f} MB, {r['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
     return r
 
 

@@ -43,7 +43,8 @@ def preference_accuracy(model, tokenizer, pairs: Sequence, batch_size: int = 16,
 
     from hfbridge.data.formats import pad_id
     from hfbridge.data.preference import PreferenceCollator, tokenize_preference_example
-    from hfbridge.models.preference import pair_logps, reward_scores
+    from hfbridge.models.chunked_loss import split_head
+    from hfbridge.models.preference import reward_scores, sequence_logps
 
     if not pairs:
         raise ValueError("no preference pairs to score")
@@ -51,13 +52,15 @@ def preference_accuracy(model, tokenizer, pairs: Sequence, batch_size: int = 16,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    split = None if reward else split_head(model)[0]  # found once, not per batch
     wins = 0
     try:
         for start in range(0, len(pairs), batch_size):
             samples = [tokenize_preference_example(tokenizer, p, max_length) for p in pairs[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(samples).items() if torch.is_tensor(v)}
             n = len(samples)
-            scores = reward_scores(model, batch) if reward else pair_logps(model, batch, 2 * n)[0]
+            with torch.no_grad():
+                scores = reward_scores(model, batch) if reward else sequence_logps(model, batch, 2 * n, split)[0]
             wins += int((scores[:n] > scores[n:]).sum())
     finally:
         model.train(was_training)

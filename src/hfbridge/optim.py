@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -85,3 +86,23 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, total_steps
         optimizer, lambda s: lr_lambda(s, total_steps, warmup, config.schedule, config.min_lr_ratio)
     )
     return optimizer, scheduler
+
+
+def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The global norm of the gradients, over all ranks when they are sharded: DTensor gradients are grouped by
+    mesh (FSDP-only and tensor-parallel parameters live on different meshes), each group's norm is made whole
+    (``full_tensor``), then the groups' norms are combined; plain gradients are each rank's whole gradient."""
+    groups: dict[int | None, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            mesh = getattr(p.grad, "device_mesh", None)
+            groups.setdefault(id(mesh) if mesh is not None else None, []).append(p.grad)
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type)
+        norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+    if not norms:
+        return torch.tensor(0.0)
+    if len(norms) == 1:
+        return norms[0]
+    return torch.nn.utils.get_total_norm([n.to(norms[0].device) for n in norms], norm_type)

@@ -72,7 +72,8 @@ def score_records(model, tokenizer, examples, batch_size: int = 16, max_length: 
         samples = [tokenize_preference_example(tokenizer, e, max_length) for e in chunk]
         sequences = [seq for s in samples for seq in s.sequences]
         batch = {k: v.to(device) for k, v in collate(sequences).items() if torch.is_tensor(v)}
-        values = reward_scores(model, batch).tolist()
+        with torch.no_grad():
+            values = reward_scores(model, batch).tolist()
         at = 0
         for s in samples:
             rewards.append(values[at : at + len(s.sequences)])

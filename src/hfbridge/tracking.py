@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 
 from hfbridge.console import say
 from hfbridge.losses import IGNORE_INDEX
+from hfbridge.optim import total_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -238,26 +239,6 @@ def packed_tokens(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: t
     padding = (((labels == IGNORE_INDEX) | ~tail).all(-1) & ((input_ids == input_ids[..., -1:]) | ~tail).all(-1)
                & (last.squeeze(-1) > 0))
     return input_ids.numel() - (tail.sum(-1) * padding).sum()
-
-
-def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The global norm of the gradients, over all ranks when they are sharded: DTensor gradients are grouped by
-    mesh (FSDP-only and tensor-parallel parameters live on different meshes), each group's norm is made whole
-    (``full_tensor``), then the groups' norms are combined; plain gradients are each rank's whole gradient."""
-    groups: dict[int | None, list[torch.Tensor]] = {}
-    for p in parameters:
-        if p.grad is not None:
-            mesh = getattr(p.grad, "device_mesh", None)
-            groups.setdefault(id(mesh) if mesh is not None else None, []).append(p.grad)
-    norms = []
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type)
-        norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
-    if not norms:
-        return torch.tensor(0.0)
-    if len(norms) == 1:
-        return norms[0]
-    return torch.nn.utils.get_total_norm([n.to(norms[0].device) for n in norms], norm_type)
 
 
 def peak_memory(device: torch.device) -> tuple[str, float]:

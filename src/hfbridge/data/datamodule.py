@@ -40,6 +40,20 @@ def record_rows(data: str | Path | Sequence[dict], split: str | None = None) -> 
     return rows
 
 
+def resolve_format(rows: list[tuple[str, dict]], fmt: str, detect, formats: Sequence[str]) -> str:
+    """``fmt``, or with ``auto`` the format ``detect`` reads off the first record (its errors name the record);
+    a format not in ``formats`` is an error."""
+    if fmt == "auto":
+        where, first = rows[0]
+        try:
+            return detect(first)
+        except DataFormatError as e:
+            raise DataFormatError(f"{where}: {e}") from None
+    if fmt not in formats:
+        raise DataFormatError(f"unknown data format {fmt!r}; choose one of auto, {', '.join(formats)}")
+    return fmt
+
+
 def load_records(data: str | Path | Sequence[dict], fmt: str = "auto", split: str | None = None) -> tuple[list[dict], str]:
     """Read and check every record of ``data`` (a path or a list of dicts) for format ``fmt``.
 
@@ -47,14 +61,7 @@ def load_records(data: str | Path | Sequence[dict], fmt: str = "auto", split: st
     the file is reported with its file and line before any model is loaded.
     """
     rows = record_rows(data, split)
-    if fmt == "auto":
-        where, first = rows[0]
-        try:
-            fmt = detect_format(first)
-        except DataFormatError as e:
-            raise DataFormatError(f"{where}: {e}") from None
-    elif fmt not in FORMATS:
-        raise DataFormatError(f"unknown data format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
+    fmt = resolve_format(rows, fmt, detect_format, FORMATS)
     for where, record in rows:
         check_record(record, fmt, where)
     return [r for _, r in rows], fmt

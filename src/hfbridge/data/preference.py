@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from hfbridge.data.collators import PaddedCollator
-from hfbridge.data.datamodule import CausalLMDataModule, record_rows
+from hfbridge.data.datamodule import CausalLMDataModule, record_rows, resolve_format
 from hfbridge.data.formats import (
     DataFormatError,
     TokenizedSample,
@@ -177,14 +177,7 @@ def load_preference_records(data, fmt: str = "auto", split: str | None = None) -
             raise DataFormatError(f"the examples are {kind} examples, not {fmt}")
         return list(data), kind
     rows = record_rows(data, split)
-    if fmt == "auto":
-        where, first = rows[0]
-        try:
-            fmt = detect_preference_format(first)
-        except DataFormatError as e:
-            raise DataFormatError(f"{where}: {e}") from None
-    elif fmt not in PREFERENCE_FORMATS:
-        raise DataFormatError(f"unknown preference data format {fmt!r}; choose auto, preference or kto")
+    fmt = resolve_format(rows, fmt, detect_preference_format, PREFERENCE_FORMATS)
     examples = [parse_preference_record(record, fmt, where) for where, record in rows]
     if fmt == "kto" and len({e.desirable for e in examples}) < 2:
         log.warning("KTO data with only %s examples", "desirable" if examples[0].desirable else "undesirable")

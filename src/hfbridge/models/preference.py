@@ -90,17 +90,30 @@ def check_preference_options(method: str, beta: float | None = None, label_smoot
         raise ValueError("4-bit models are trained with an adapter: use reference adapter (the default with LoRA)")
 
 
-def pair_logps(model: nn.Module, batch: dict, num_sequences: int, chunk_size: int = 512):
-    """Summed completion log-probabilities of every sequence of a preference ``batch`` under ``model`` (and
-    their label-token counts), without gradients and without the full logits when the head splits off."""
-    split, _ = split_head(model)
-    with torch.no_grad():
-        if split is not None:
-            hidden = split.hidden_states(_inputs(batch))
-            return sequence_logprobs(batch["labels"], batch["sequence_ids"], num_sequences, hidden=hidden,
-                                     weight=split.head.weight, bias=split.head.bias, chunk_size=chunk_size)
-        logits = model(**_inputs(batch), use_cache=False).logits
-        return sequence_logprobs(batch["labels"], batch["sequence_ids"], num_sequences, logits=logits)
+def sequence_logps(model: nn.Module, batch: dict, num_sequences: int, split=None, chunk_size: int = 512):
+    """Summed completion log-probabilities of every sequence of a preference ``batch`` under ``model``, and their
+    label-token counts: from the backbone's hidden states and the head when ``split`` (``split_head(model)[0]``)
+    is given, without the full logits; else from the model's logits."""
+    labels, ids = batch["labels"], batch["sequence_ids"]
+    if split is not None:
+        hidden = split.hidden_states(_inputs(batch))
+        return sequence_logprobs(labels, ids, num_sequences, hidden=hidden, weight=split.head.weight,
+                                 bias=split.head.bias, chunk_size=chunk_size)
+    logits = model(**_inputs(batch), use_cache=False).logits
+    return sequence_logprobs(labels, ids, num_sequences, logits=logits)
+
+
+def reward_scores(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Rewards of a sequence-classification model for each padded row of ``batch``."""
+    if "position_ids" in batch and "attention_mask" not in batch:
+        raise ValueError("a reward model scores padded rows, not packed ones: use packing off")
+    return model(**_inputs(batch), use_cache=False).logits[:, 0].float()
+
+
+def _with_means(out: dict) -> dict:
+    """``out`` with each of its ``metric_sums`` as a batch mean under its own name."""
+    out.update({k: v / c for k, (v, c) in out["metric_sums"].items() if c})
+    return out
 
 
 class _StepMetrics:
@@ -325,17 +338,8 @@ class HFPreferenceModel(_PreferenceSteps, HFAutoModelForCausalLM):
 
     def _logps(self, model: nn.Module, batch: dict, n_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed label-token log-probabilities of each sequence of ``batch`` under ``model``, and their counts."""
-        labels, ids = batch["labels"], batch["sequence_ids"]
-        split = self._head_split_of(model)
-        if split is not None:
-            hidden = split.hidden_states(_inputs(batch))
-            chunk = 512 if self.chunked_loss is True else int(self.chunked_loss)
-            return sequence_logprobs(labels, ids, n_seq, hidden=hidden, weight=split.head.weight,
-                                     bias=split.head.bias, chunk_size=chunk)
-        inputs = _inputs(batch)
-        inputs["use_cache"] = False
-        logits = (self.forward(batch) if model is self.model else model(**inputs)).logits
-        return sequence_logprobs(labels, ids, n_seq, logits=logits)
+        chunk = 512 if self.chunked_loss is True else int(self.chunked_loss or 512)
+        return sequence_logps(model, batch, n_seq, self._head_split_of(model), chunk)
 
     def _reference_logps(self, batch: dict, n_seq: int) -> torch.Tensor | None:
         if self.reference_mode == "none":
@@ -374,8 +378,7 @@ class HFPreferenceModel(_PreferenceSteps, HFAutoModelForCausalLM):
             ratio = losses.detach() / -self.beta  # log sigma(log odds)
             metrics["log_odds_ratio"] = (float(ratio.sum()), n)
         out["metric_sums"] = metrics
-        out.update({k: v / max(c, 1) for k, (v, c) in metrics.items()})
-        return out
+        return _with_means(out)
 
     def _kto_outputs(self, batch: dict) -> dict:
         desirable = batch["desirable"].bool()
@@ -400,9 +403,7 @@ class HFPreferenceModel(_PreferenceSteps, HFAutoModelForCausalLM):
             "logps/rejected": (float(logps.detach()[~desirable].sum()), bad.numel()),
             "kl": (float(kl) * n, n),
         }
-        out = {"n": n, "pair_loss_sum": losses.sum(), "loss": losses.mean(), "metric_sums": metrics}
-        out.update({k: v / c for k, (v, c) in metrics.items() if c})
-        return out
+        return _with_means({"n": n, "pair_loss_sum": losses.sum(), "loss": losses.mean(), "metric_sums": metrics})
 
 
 class _SequenceClassificationAuto:
@@ -445,16 +446,8 @@ class HFRewardModel(_PreferenceSteps, HFAutoModelForCausalLM):
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
-    def scores(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
-        """One reward per row of ``batch`` (padded rows)."""
-        if "position_ids" in batch and "attention_mask" not in batch:
-            raise ValueError("a reward model scores padded rows, not packed ones: use packing off")
-        inputs = _inputs(batch)
-        inputs["use_cache"] = False
-        return (model or self.model)(**inputs).logits[:, 0].float()
-
     def preference_outputs(self, batch: dict) -> dict:
-        scores = self.scores(batch)
+        scores = reward_scores(self.model, batch)
         n = scores.numel() // 2
         chosen, rejected = scores[:n], scores[n:]
         losses = bradley_terry_loss(chosen, rejected)
@@ -464,14 +457,6 @@ class HFRewardModel(_PreferenceSteps, HFAutoModelForCausalLM):
             "rewards/margins": (float((chosen - rejected).detach().sum()), n),
             "rewards/accuracies": (float((chosen > rejected).float().sum()), n),
         }
-        out = {"n": n, "pair_loss_sum": losses.sum(), "loss": losses.mean(), "metric_sums": metrics}
-        out.update({k: v / max(c, 1) for k, (v, c) in metrics.items()})
-        return out
+        return _with_means({"n": n, "pair_loss_sum": losses.sum(), "loss": losses.mean(), "metric_sums": metrics})
 
-
-def reward_scores(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Rewards of a sequence-classification model for each padded row of ``batch`` (no gradients)."""
-    with torch.no_grad():
-        inputs = _inputs(batch)
-        return model(**inputs, use_cache=False).logits[:, 0].float()
 

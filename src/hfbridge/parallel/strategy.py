@@ -26,6 +26,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from hfbridge.optim import total_grad_norm
 from hfbridge.parallel import checkpoint as ckpt
 from hfbridge.parallel.mesh import MeshLayout, ParallelConfig, build_device_mesh, mesh_layout
 
@@ -150,17 +151,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torc
     """``torch.nn.utils.clip_grad_norm_`` for gradients sharded over different meshes (FSDP-only parameters on
     the data mesh, tensor-parallel ones on data x model): the norm of each mesh's group, gathered, then combined."""
     parameters = [p for p in parameters if p.grad is not None]
-    groups: dict[int | None, list[torch.Tensor]] = {}
-    for p in parameters:
-        mesh = getattr(p.grad, "device_mesh", None)
-        groups.setdefault(id(mesh) if mesh is not None else None, []).append(p.grad)
-    norms = []
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type)
-        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if not norms:
-        return torch.tensor(0.0)
-    total = torch.nn.utils.get_total_norm(norms, norm_type)
+    total = total_grad_norm(parameters, norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).item()  # as torch.nn.utils.clip_grads_with_norm_
     with torch.no_grad():
         for p in parameters:
