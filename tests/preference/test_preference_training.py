@@ -125,3 +125,28 @@ def test_sft_data_for_a_preference_method_is_an_error_before_loading(tiny_model_
     code = cli.main(["finetune", "--model", str(tiny_model_dir), "--method", "dpo", "--data", str(train),
                      "--output", str(tmp_path / "run")])
     assert code == 2 and "train.jsonl:1" in capsys.readouterr().err
+
+
+def test_hfbridge_score_rewards_texts_and_never_replaces_a_file(tiny_model_dir, pairs, tmp_path, capsys):
+    train, test = pairs
+    run = tmp_path / "rm"
+    _run("--model", str(tiny_model_dir), "--method", "reward", "--data", str(train), "--test-data", str(test),
+         "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--output", str(run))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n"
+                     + json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "hello"}]}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    capsys.readouterr()
+    assert cli.main(["score", "--model", str(run), "--data", str(texts), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["reward"], float) for r in rows)
+    assert cli.main(["score", "--model", str(run), "--data", str(test)]) == 0
+    captured = capsys.readouterr()
+    assert "prefers the chosen completion in" in captured.out + captured.err
+    before = out.read_text()
+    assert cli.main(["score", "--model", str(run), "--data", str(texts), "--output", str(out)]) == 2
+    assert out.read_text() == before  # an existing file is never replaced
+    assert cli.main(["score", "--model", str(tiny_model_dir), "--data", str(texts)]) == 2  # not a reward model
+    texts.write_text(json.dumps({"question": "x"}) + "\n")
+    assert cli.main(["score", "--model", str(run), "--data", str(texts)]) == 2
