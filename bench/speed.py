@@ -205,7 +205,7 @@ def run_hfbridge(args, system: System) -> dict:
 
     from hfbridge import HFAutoModelForCausalLM, OptimizerConfig
     from hfbridge.data.collators import PaddedCollator, StepTokenCounter
-    from hfbridge.data.packing import PackedCollator, packing_is_exact
+    from hfbridge.data.packing import PackedCollator, packing_is_exact, uses_flash_attention
     from hfbridge.models.loading import load_tokenizer
 
     torch.manual_seed(0)
@@ -222,7 +222,8 @@ def run_hfbridge(args, system: System) -> dict:
         ok, reason = packing_is_exact(module.model)
         if not ok:
             raise RuntimeError(f"packing is not exact for this model: {reason}")
-        collate = PackedCollator(tokenizer.pad_token_id, args.max_length)
+        # one row per micro-batch where the attention is variable-length, as the data module lays it out
+        collate = PackedCollator(tokenizer.pad_token_id, args.max_length, one_row=uses_flash_attention(module.model))
     else:
         collate = PaddedCollator(tokenizer.pad_token_id)
     batches = [collate(samples[i : i + args.batch_size]) for i in range(0, len(samples), args.batch_size)]

@@ -31,6 +31,17 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test starts from the same environment variables: a run in this process that checkpoints sets
+    Lightning's ``MASTER_ADDR``/``LOCAL_RANK``, which later in-process runs and child processes would read."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread(request):
     """Tiny models run faster on one intra-op thread, and far faster on a busy machine (no spinning).
     Tests of real-size models are marked ``slow`` and keep every thread."""

@@ -4,14 +4,23 @@ Prompts are tokenized exactly as training renders them (:mod:`hfbridge.data.form
 batches carry little padding, left-padded, generated in batches, and returned in the original order. A prompt
 longer than ``context - max_new_tokens`` keeps its last tokens (with a warning), so generation never runs past
 the model's context.
+
+Greedy decoding of a Hugging Face causal LM with full attention runs hfbridge's own loop
+(:func:`greedy_decode`), which gives the tokens ``model.generate(do_sample=False)`` gives, faster: a
+preallocated KV cache laid out as ``generate`` lays it out (no concatenation per step), the prompt prefix every
+row shares (a system prompt, a chat template's header) computed once and copied into each row, rows that
+stopped dropped from the batch, and logits only for the last position. Anything else (sampling, beams, logits
+processors, image inputs, sliding windows, models with their own ``generate``) goes through ``model.generate``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hfbridge.data.formats import pad_id, render_chat, render_prompt
 from hfbridge.models.loading import context_length
@@ -87,6 +96,252 @@ def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens
 
 
+# ------------------------------------------------------------------------------------------ the greedy fast path
+# Keyword arguments of ``generate`` the fast path honours (with these values); any other keeps ``model.generate``.
+_GREEDY_KWARGS = {"do_sample": (False,), "num_beams": (1, None), "use_cache": (True, None),
+                  "temperature": None, "top_p": None, "top_k": None, "pad_token_id": None}
+# Generation-config fields that make ``generate`` change greedy logits or stop differently, with their neutral
+# values: a model whose generation config sets any of them keeps ``model.generate``.
+_NEUTRAL_GENERATION = {"repetition_penalty": (1.0, None), "no_repeat_ngram_size": (0, None), "bad_words_ids": (None,),
+                       "min_length": (0, None), "min_new_tokens": (None, 0), "forced_bos_token_id": (None,),
+                       "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+                       "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+                       "guidance_scale": (None, 1.0), "watermarking_config": (None,), "num_beams": (1, None),
+                       "stop_strings": (None,), "max_time": (None,), "penalty_alpha": (None,),
+                       "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,),
+                       "encoder_repetition_penalty": (1.0, None), "epsilon_cutoff": (0.0, None)}
+_MASKS = ("sdpa", "eager")  # attention implementations that take an explicit 4-D mask as transformers builds it
+
+
+def greedy_fast_path(model, generate_kwargs: dict, max_length: int):
+    """The module :func:`greedy_decode` runs for ``model`` (the model, or a LoRA-style peft model's base model,
+    whose layers carry the adapters), or ``None`` when decoding must go through ``model.generate``: sampling,
+    beams, logits processors or stopping criteria asked for, a generation config that changes greedy decoding,
+    an encoder-decoder, a model with its own ``generate``, an attention other than sdpa/eager, or a sliding window
+    shorter than ``max_length`` (prompt and new tokens)."""
+    from transformers import GenerationMixin, PreTrainedModel
+
+    for key, value in generate_kwargs.items():
+        allowed = _GREEDY_KWARGS.get(key, ())
+        if key not in _GREEDY_KWARGS or (allowed is not None and value not in allowed):
+            return None
+    module = model
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        if any(c.is_prompt_learning for c in model.peft_config.values()):
+            return None
+        module = model.get_base_model()
+    if not isinstance(module, PreTrainedModel) or type(module).generate is not GenerationMixin.generate:
+        return None
+    config = module.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "_attn_implementation", None) not in _MASKS:
+        return None
+    if not cache_argument(inspect.signature(module.forward).parameters):
+        return None
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"]
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+        return None
+    window = getattr(text, "sliding_window", None)
+    windowed = "sliding_attention" in layer_types or (window is not None and getattr(text, "use_sliding_window", True))
+    if windowed and (window is None or max_length > window):
+        return None
+    generation = getattr(module, "generation_config", None)
+    for key, neutral in _NEUTRAL_GENERATION.items():
+        if generation is not None and getattr(generation, key, None) not in neutral:
+            return None
+    return module
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's keys and values in preallocated ``[rows, heads, slots, head_dim]`` tensors, written at the
+    slots its :class:`_SlotCache` says; returns the slots written so far (no concatenation)."""
+
+    is_sliding = False
+
+    def __init__(self, owner: _SlotCache, index: int):
+        super().__init__()
+        self.owner, self.index = owner, index
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, heads = key_states.shape[:2]
+        slots, kwargs = self.owner.slots, {"dtype": key_states.dtype, "device": key_states.device}
+        self.keys = torch.zeros((rows, heads, slots, key_states.shape[-1]), **kwargs)
+        self.values = torch.zeros((rows, heads, slots, value_states.shape[-1]), **kwargs)
+        self.owner.seed_layer(self)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.owner.start, self.owner.start + key_states.shape[2]
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.start + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.start
+
+    def get_max_length(self) -> int:
+        return self.owner.slots
+
+
+class _SlotCache(Cache):
+    """A KV cache for :func:`greedy_decode`: ``slots`` slots per row, the next forward writing from slot
+    ``start``; ``seed`` gives, per layer, keys and values ``[1, heads, n, head_dim]`` copied into each row ``r``
+    at slots ``offsets[r] .. offsets[r] + n`` (the shared prompt prefix) when the layer is first written."""
+
+    def __init__(self, layers: int, slots: int, seed: list | None = None, offsets: list[int] | None = None):
+        self.slots, self.start = slots, 0
+        self.seed, self.offsets = seed, offsets
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(layers)])
+
+    def seed_layer(self, layer: _SlotLayer) -> None:
+        if not self.seed:
+            return
+        keys, values = self.seed[layer.index]
+        for row, offset in enumerate(self.offsets or []):
+            n = min(keys.shape[2], self.slots - offset)
+            if n > 0:
+                layer.keys[row, :, offset : offset + n] = keys[0, :, :n]
+                layer.values[row, :, offset : offset + n] = values[0, :, :n]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.index_select(0, rows)
+                layer.values = layer.values.index_select(0, rows)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Step:
+    """One forward of :func:`greedy_decode`: the module, its cache keyword, and how masks are given."""
+
+    def __init__(self, module):
+        self.module = module
+        parameters = inspect.signature(module.forward).parameters
+        self.cache_name = cache_argument(parameters)
+        self.keep_last = "logits_to_keep" in parameters
+        config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+        self.layers = config.num_hidden_layers
+        self.additive = config._attn_implementation == "eager"
+        self.dtype = next(module.parameters()).dtype
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: _SlotCache,
+                 start: int) -> torch.Tensor:
+        """Logits of the last position of each row; ``allowed`` is the ``[rows, queries, keys]`` boolean mask."""
+        cache.start = start
+        mask = allowed[:, None]
+        if self.additive:  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(self.dtype).min)
+        kwargs = {"logits_to_keep": 1} if self.keep_last else {}
+        out = self.module(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{self.cache_name: cache}, **kwargs)
+        return out.logits[:, -1]
+
+
+class PrefixStore:
+    """Keys and values of the last shared prompt prefix :func:`greedy_decode` computed, reused by later batches
+    whose rows start with (part of) it."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def covering(self, step: _Step, prefix: list[int], device) -> list:
+        """Per layer, keys and values of ``prefix`` (computed now for what the stored prefix lacks)."""
+        have = _common_prefix(self.ids, prefix)
+        if have < len(prefix):
+            cache = _SlotCache(step.layers, len(prefix), [(k[:, :, :have], v[:, :, :have]) for k, v in self.kv]
+                               if have else None, [0])
+            new = torch.tensor([prefix[have:]], dtype=torch.long, device=device)
+            positions = torch.arange(have, len(prefix), device=device)[None]
+            allowed = torch.ones(len(prefix), len(prefix), dtype=torch.bool, device=device).tril()[None, have:]
+            step(new, positions, allowed, cache, have)
+            self.ids = list(prefix)
+            self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return [(k[:, :, : len(prefix)], v[:, :, : len(prefix)]) for k, v in self.kv]
+
+
+@torch.no_grad()
+def greedy_decode(module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int,
+                  stops: set[int], prefix_store: PrefixStore | None = None) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (token id lists, one batch), each up to its first token in ``stops``
+    (not included) or ``max_new_tokens`` tokens: the tokens ``model.generate(do_sample=False)`` gives on the
+    left-padded batch, cut at the first stop token. ``module`` is what :func:`greedy_fast_path` returned.
+
+    The cache is laid out as ``generate`` lays it out (row ``r`` left-padded to the longest prompt ``T``, new
+    tokens from slot ``T``) so attention sums the same keys in the same order. The longest prefix the prompts
+    share (all but each row's last token at most) is computed once for the batch (or taken from
+    ``prefix_store``) and copied into each row; the batch forward then covers only the last ``S`` slots, ``S``
+    the longest remainder. Rows that stop leave the batch."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_decode: every prompt needs at least one token")
+    step = _Step(module)
+    device = next(module.parameters()).device
+    rows = len(prompts)
+    lengths = [len(p) for p in prompts]
+    total = max(lengths)
+    shared = min(lengths) - 1
+    for p in prompts[1:]:
+        shared = _common_prefix(prompts[0][:shared], p)
+    store = prefix_store if prefix_store is not None else PrefixStore()
+    if rows == 1:  # nothing shared within the batch: only reuse what the store has
+        shared = _common_prefix(store.ids, prompts[0][:shared])
+    seed = store.covering(step, list(prompts[0][:shared]), device) if shared else None
+    tail = total - shared if shared else total  # the slots the batch forward computes: [total - tail, total)
+    offsets = [total - n for n in lengths]
+    cache = _SlotCache(step.layers, total + max_new_tokens - 1, seed, offsets)
+
+    slot = torch.arange(total + max_new_tokens - 1, device=device)
+    first = torch.tensor(offsets, device=device)[:, None]
+    valid = slot[None] >= first  # [rows, slots]: the prompt slots and, as they are written, the new ones
+    valid[:, total:] = False
+    ids = torch.full((rows, tail), pad_token_id, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        n = min(len(p), tail)
+        ids[r, tail - n :] = torch.tensor(list(p[len(p) - n :]), dtype=torch.long)
+    queries = slot[total - tail : total]
+    positions = (queries[None] - first).clamp(min=0)
+    allowed = valid[:, None, :total] & (slot[None, None, :total] <= queries[None, :, None])
+    allowed |= slot[None, None, :total] == queries[None, :, None]  # a padding query sees itself (never NaN)
+    token = step(ids.to(device), positions, allowed, cache, total - tail).argmax(-1)
+
+    out: list[list[int]] = [[] for _ in range(rows)]
+    alive = list(range(rows))
+    position = torch.tensor(lengths, device=device)
+    for n in range(max_new_tokens):
+        keep = []
+        for k, (r, t) in enumerate(zip(alive, token.tolist())):
+            if t in stops:
+                continue
+            out[r].append(t)
+            if n + 1 < max_new_tokens:
+                keep.append(k)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=device)
+            cache.keep_rows(index)
+            valid, position, token = valid[index], position[index], token[index]
+            alive = [alive[k] for k in keep]
+        at = total + n
+        valid[:, at] = True
+        token = step(token[:, None], (position + n)[:, None], valid[:, None, : at + 1], cache, at).argmax(-1)
+    return out
+
+
 @torch.no_grad()
 def generate_batched(
     model,
@@ -98,11 +353,16 @@ def generate_batched(
     batch_size: int,
     pad_token_id: int,
     stops: set[int],
+    fast_greedy: bool = True,
     **generate_kwargs,
 ) -> list[list[int]]:
     """The one decoding loop of hfbridge: ``items`` sorted by ``lengths`` (batches carry little padding), in
     batches of ``batch_size``, ``make_inputs(batch)`` gives the left-padded model inputs, greedy unless told
-    otherwise; returns each item's new tokens up to the first of ``stops``, in the original order."""
+    otherwise; returns each item's new tokens up to the first of ``stops``, in the original order.
+
+    Greedy decoding of a model :func:`greedy_fast_path` accepts runs :func:`greedy_decode` (the same tokens as
+    ``model.generate``, faster; ``fast_greedy=False`` keeps ``model.generate``); the shared prompt prefix is
+    computed once for all batches."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     if max_new_tokens < 1:
@@ -114,6 +374,11 @@ def generate_batched(
         for key in ("temperature", "top_p", "top_k"):
             generate_kwargs.setdefault(key, None)
     device = next(model.parameters()).device
+    longest = max(lengths, default=0) + max_new_tokens
+    fast = greedy_fast_path(model, generate_kwargs, longest) if fast_greedy else None
+    if fast is not None and not _generation_eos(fast) <= set(stops):
+        fast = None  # generate would end rows at an EOS that is not a stop (and pad them): keep its tokens exactly
+    store = PrefixStore()
     was_training = model.training
     model.eval()
     order = sorted(range(len(items)), key=lambda i: lengths[i])
@@ -122,13 +387,37 @@ def generate_batched(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_inputs([items[i] for i in idx]).items()}
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-            new = out[:, inputs["input_ids"].shape[1] :].tolist()
+            prompts = _left_padded_rows(inputs) if fast is not None else None
+            if prompts is not None:
+                new = greedy_decode(fast, prompts, max_new_tokens=max_new_tokens, stops=stops,
+                                    pad_token_id=generate_kwargs["pad_token_id"], prefix_store=store)
+            else:
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+                new = [_until_stop(tokens, stops) for tokens in out[:, inputs["input_ids"].shape[1] :].tolist()]
             for i, tokens in zip(idx, new):
-                results[i] = _until_stop(tokens, stops)
+                results[i] = tokens
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _generation_eos(module) -> set[int]:
+    eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+    return {eos} if isinstance(eos, int) else set(eos or [])
+
+
+def _left_padded_rows(inputs: dict) -> list[list[int]] | None:
+    """Each row's prompt ids when ``inputs`` are only left-padded ``input_ids`` and ``attention_mask`` with no
+    empty row (what :func:`greedy_decode` takes), else ``None``."""
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if set(inputs) - {"input_ids", "attention_mask"} or ids is None or ids.dim() != 2 or ids.shape[1] == 0:
+        return None
+    if mask is None:
+        return ids.tolist()
+    mask = mask.bool()
+    if mask.shape != ids.shape or not bool(mask[:, -1].all()) or not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        return None
+    return [row[m].tolist() for row, m in zip(ids, mask)]
 
 
 def generate_ids(

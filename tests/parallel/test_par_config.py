@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hfbridge import HFAutoModelForCausalLM, cli
+from hfbridge import cli
 from hfbridge.data.datamodule import CausalLMDataModule, EpochShuffleSampler
 from hfbridge.parallel import ParallelConfig, plans, resolve_axis_dims
 from hfbridge.parallel import checkpoint as ckpt
@@ -25,7 +25,7 @@ def test_minus_one_is_inferred_from_the_world_size():
     assert resolve_axis_dims((1, -1, 1, 1), 8) == (1, 8, 1, 1)
     assert resolve_axis_dims((2, -1, 2, 1), 8) == (2, 2, 2, 1)
     assert ParallelConfig(sharding_axis_dims=(2, -1), sharding_axis_names=("tp", "fsdp")).axis_sizes(8) == {
-        "dp": 1, "fsdp": 4, "tp": 2, "sp": 1}
+        "dp": 1, "fsdp": 4, "tp": 2, "sp": 1, "cp": 1}
 
 
 @pytest.mark.parametrize("dims, world, message", [
@@ -40,7 +40,7 @@ def test_mesh_sizes_that_do_not_match_the_world_are_clear_errors(dims, world, me
 
 
 @pytest.mark.parametrize("names, message", [
-    (("dp", "fsdp", "tp", "cp"), "unknown axis 'cp'"),
+    (("dp", "fsdp", "tp", "xp"), "unknown axis 'xp'"),
     (("dp", "dp", "tp", "sp"), "repeat a name"),
     (("dp", "fsdp"), "differ in length"),
 ])
@@ -113,28 +113,29 @@ def test_tp_that_does_not_divide_the_heads_is_a_clear_error(tp, attr):
     plans.check_divisibility(config, 2)
 
 
-def _layout(tp):
-    return MeshLayout(mesh=None, data=None, data_flat=None, model=object() if tp > 1 else None,
-                      sizes={"dp": 1, "fsdp": 1, "tp": tp, "sp": 1})
+def _layout(tp, sp=1, fsdp=1):
+    return MeshLayout(mesh=None, data=None, data_flat=None, model=object() if tp * sp > 1 else None,
+                      sizes={"dp": 1, "fsdp": fsdp, "tp": tp, "sp": sp, "cp": 1})
 
 
-def test_4bit_with_a_mesh_is_refused_clearly(tiny_model_dir):
-    pytest.importorskip("bitsandbytes")
-    module = HFAutoModelForCausalLM(model_name=str(tiny_model_dir), load_in_4bit=True, device_mesh=object())
-    with pytest.raises(UnsupportedParallelismError, match="load_in_4bit with a device mesh is not supported"):
-        module.configure_model()
+def test_4bit_on_a_mesh_is_qlora_over_fsdp_only():
+    """4-bit weights shard over fsdp/dp with an adapter (tests/parallel/test_par_sharded_paths.py trains it); with
+    tensor parallelism, or without an adapter, they are refused with the reason."""
+
     model = meta_model()
     model.is_loaded_in_4bit = True
-    with pytest.raises(UnsupportedParallelismError, match="4-bit/8-bit"):
+    with pytest.raises(UnsupportedParallelismError, match="tensor/sequence parallelism"):
         check_supported(model, _layout(2))
+    with pytest.raises(UnsupportedParallelismError, match="trains an adapter"):
+        check_supported(model, _layout(1, fsdp=2))
 
 
-def test_adapters_with_tensor_parallel_are_refused_clearly():
+def test_adapters_with_sequence_parallel_are_refused_clearly():
     from hfbridge import LoRA
 
-    model = LoRA(r=2, alpha=4)(meta_model())
-    with pytest.raises(UnsupportedParallelismError, match="with an adapter"):
-        check_supported(model, _layout(2))
+    model = LoRA(r=2, alpha=4, dropout=0.0)(meta_model())
+    with pytest.raises(UnsupportedParallelismError, match="sequence parallelism"):
+        check_supported(model, _layout(1, sp=2))
     check_supported(model, _layout(1))  # FSDP/dp with adapters is fine
 
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import inspect
 import io
+import itertools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from hfbridge._shared import eager
 from hfbridge.data.datamodule import CausalLMDataModule, DataArg, record_rows
 from hfbridge.data.formats import (
     DataFormatError,
@@ -47,6 +50,7 @@ from hfbridge.data.formats import (
     shift_for_causal_lm,
     tokens_in_spans,
 )
+from hfbridge.data.packing import best_fit_decreasing, uses_flash_attention
 from hfbridge.data.sources import DataSourceError
 from hfbridge.losses import IGNORE_INDEX
 
@@ -517,6 +521,178 @@ class ImageTextCollator:
         return encode_samples(self.processor, samples, self.skipped_ids)
 
 
+# ----------------------------------------------------------------------------------------------------- packing
+# per-token keys a packed row carries (cut to each sample's tokens and laid end to end); image keys stay as the
+# processor batched them, in the packed order of the samples
+_TOKEN_KEYS = {"input_ids": None, "labels": IGNORE_INDEX, "attention_mask": 0, "token_type_ids": 0,
+               "mm_token_type_ids": 0}
+
+
+class PackingUnsupported(ValueError):
+    """The processor's batch cannot be packed (a tensor ties tokens of a row to that row's images)."""
+
+
+@dataclass
+class ImageTextPackedCollator:
+    """Pack a micro-batch of :class:`ImageTextSample` s into rows, padding-free, each sample keeping its images.
+
+    The samples are grouped into rows of at most ``pack_length`` tokens (best-fit decreasing, as text packing),
+    put in row order (row 0's samples, then row 1's, ...) and batched through the processor as one padded batch,
+    so the image tensors (``pixel_values``, ``pixel_attention_mask``, ``image_sizes``...) come in the order in
+    which the packed rows hold the samples' image tokens, and the model's scatter of image features into the
+    placeholder tokens (row by row, left to right) gives every sample its own images. The per-token tensors
+    (``input_ids``, ``labels``, ``token_type_ids``) are cut to each sample's tokens and laid end to end;
+    ``position_ids`` restart at 0 at every sample; there is no ``attention_mask`` (the model builds a block-diagonal
+    mask from the restarting positions). Labels were shifted per sample, so no target crosses a boundary. Rows
+    shorter than the longest are padded at the end (pad token, label -100, token type 0, positions from 0).
+
+    Args:
+        processor: the model's processor.
+        skipped_ids: ids never trained as targets (:func:`skipped_token_ids`).
+        pad_token_id: the padding token.
+        pack_length: the row capacity; ``None`` puts the whole micro-batch in one row (never more tokens than its
+            padded batch). A sample longer than ``pack_length`` gets a row of its own.
+        one_row: put the whole micro-batch in one row (variable-length flash attention takes its batch that way).
+    """
+
+    processor: Any
+    skipped_ids: torch.Tensor
+    pad_token_id: int
+    pack_length: int | None = None
+    one_row: bool = False
+    lead: int = 0  # a filler segment of this many padding tokens starts every row (the exactness probe's)
+
+    def rows(self, samples: Sequence[ImageTextSample]) -> list[list[int]]:
+        """The sample indices of each row."""
+        lengths = [s.length or _encoded_length(self.processor, s, self.skipped_ids) for s in samples]
+        if self.one_row or self.pack_length is None:
+            return [list(range(len(samples)))]
+        return best_fit_decreasing(lengths, max(self.pack_length, *lengths))
+
+    def __call__(self, samples: Sequence[ImageTextSample]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        rows = self.rows(samples)
+        ordered = [samples[i] for row in rows for i in row]
+        return pack_rows(encode_samples(self.processor, ordered, self.skipped_ids), [len(r) for r in rows],
+                         self.pad_token_id, self.lead)
+
+
+def _encoded_length(processor, sample: ImageTextSample, skipped_ids: torch.Tensor) -> int:
+    return int(encode_samples(processor, [sample], skipped_ids)["input_ids"].shape[1])
+
+
+def pack_rows(batch: dict, row_sizes: Sequence[int], pad_token_id: int, lead: int = 0) -> dict[str, torch.Tensor]:
+    """A right-padded batch of samples (one per row) as packed rows: the first ``row_sizes[0]`` samples end to end
+    in row 0, the next ``row_sizes[1]`` in row 1, ... (see :class:`ImageTextPackedCollator`). Image tensors are kept
+    as they are. A tensor other than the known per-token ones that is per row and token (``[samples, tokens,
+    ...]``, as Mllama's ``cross_attention_mask``) cannot be packed: :class:`PackingUnsupported`."""
+    input_ids = batch["input_ids"]
+    n, length = input_ids.shape
+    if sum(row_sizes) != n:
+        raise ValueError(f"row sizes {list(row_sizes)} do not add up to the batch's {n} samples")
+    for key, value in batch.items():
+        if key not in _TOKEN_KEYS and torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (n, length):
+            raise PackingUnsupported(
+                f"the processor's {key!r} (shape {list(value.shape)}) ties each padded row's tokens to that row's "
+                "images, so samples sharing a row would see each other's images"
+            )
+    mask = batch.get("attention_mask")
+    lengths = (mask.sum(1) if mask is not None else torch.full((n,), length)).tolist()
+    starts = [0, *itertools.accumulate(row_sizes)]
+    width = lead + max(sum(lengths[starts[r] : starts[r + 1]]) for r in range(len(row_sizes)))
+    packed = {k: v for k, v in batch.items() if k not in _TOKEN_KEYS}
+    position_ids = torch.zeros((len(row_sizes), width), dtype=torch.long)
+    for key, fill in _TOKEN_KEYS.items():
+        if key not in batch or key == "attention_mask":
+            continue
+        value = batch[key]
+        out = torch.full((len(row_sizes), width), pad_token_id if fill is None else fill, dtype=value.dtype)
+        for r in range(len(row_sizes)):
+            at = lead
+            for i in range(starts[r], starts[r + 1]):
+                out[r, at : at + lengths[i]] = value[i, : lengths[i]]
+                at += lengths[i]
+        packed[key] = out
+    for r in range(len(row_sizes)):
+        segments = [lead] * (lead > 0) + lengths[starts[r] : starts[r + 1]]
+        at = 0
+        for n_tokens in segments:
+            position_ids[r, at : at + n_tokens] = torch.arange(n_tokens)
+            at += n_tokens
+        position_ids[r, at:] = torch.arange(width - at)
+    packed["position_ids"] = position_ids
+    return packed
+
+
+def _model_name(model) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{type(model).__name__} (model_type {model_type!r})" if model_type else type(model).__name__
+
+
+def image_text_packing_is_exact(model, samples: Sequence[ImageTextSample], padded: ImageTextCollator,
+                                packed: ImageTextPackedCollator, forward=None, rtol: float | None = None) -> tuple[bool, str]:
+    """Check numerically that ``model`` keeps packed image-text samples apart: the logits of ``samples`` (real
+    samples with their images, e.g. the first micro-batch) packed in one row must equal their logits in the padded
+    batch, at every real token.
+
+    The packed row starts with a filler segment as long as the longest sample (padding tokens, positions from 0),
+    so a mask that looks token types or image blocks up by a sample's restarting position instead of its place in
+    the row (samples laid out alike would hide that) reads the filler's and is caught. ``forward(batch)`` gives the
+    logits (default: ``model(**batch).logits``). Returns ``(ok, reason)``; the reason names the model and its type.
+    Runs two forwards in eval mode without gradients; the model's mode is restored.
+    """
+    who = _model_name(model)
+    if not samples:
+        raise ValueError("image_text_packing_is_exact needs at least one sample")
+    try:
+        param = next(model.parameters())
+    except (StopIteration, AttributeError) as e:
+        return False, f"{who}: cannot probe the model ({type(e).__name__}: {e})"
+    forward = forward or (lambda batch: model(**batch, use_cache=False).logits)
+    lead = max(s.length or _encoded_length(packed.processor, s, packed.skipped_ids) for s in samples)
+    try:
+        alone_batch = padded(samples)
+        packed_batch = dataclasses.replace(packed, one_row=True, lead=lead)(samples)
+    except PackingUnsupported as e:
+        return False, f"{who}: {e}"
+    lengths = alone_batch["attention_mask"].sum(1).tolist()
+
+    def logits(batch: dict, keep: Sequence[str] = ()) -> torch.Tensor:
+        batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                 if k not in ("labels", *keep)}
+        return forward(batch).float()
+
+    def error(skip: Sequence[str] = ()) -> tuple[float, float]:
+        alone, together = logits(alone_batch, skip), logits(packed_batch, skip)
+        alone = torch.cat([alone[i, :n] for i, n in enumerate(lengths)])
+        together = together[0, lead : lead + sum(lengths)]
+        return float((together - alone).abs().max()), float(alone.abs().max().clamp(min=1.0))
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), eager():
+            err, scale = error()
+            tol = (rtol if rtol is not None else 1e-4 if param.dtype == torch.float32 else 3e-2) * scale
+            if err > tol and "token_type_ids" in alone_batch:
+                typeless, typeless_scale = error(("token_type_ids",))
+                if typeless <= tol / scale * typeless_scale:
+                    return False, (
+                        f"{who}: the attention its token_type_ids set up (bidirectional over image tokens, or a "
+                        f"prefix) is not kept per sample in a packed row (logits off by {err:.3g}; exact without "
+                        "them)"
+                    )
+    except Exception as e:  # a model that cannot take packed inputs is simply not packed
+        return False, f"{who} rejects packed image-text inputs ({type(e).__name__}: {e})"
+    finally:
+        model.train(was_training)
+    if err > tol:
+        return False, (f"{who}: packed logits differ from per-sample logits by {err:.3g} (the attention or the "
+                       "image features cross samples)")
+    return True, f"{who}: packed logits equal per-sample logits (images and token types kept per sample)"
+
+
 # ----------------------------------------------------------------------------------------------------- module
 class ImageTextDataModule(CausalLMDataModule):
     """:class:`hfbridge.CausalLMDataModule` for chat records with images, batched through a processor.
@@ -526,6 +702,13 @@ class ImageTextDataModule(CausalLMDataModule):
     samples longer than ``max_length`` tokens are dropped (an image's tokens cannot be cut), as are samples with
     nothing to train (both logged). Shuffling, data-parallel sharding and the label-token count of each optimizer
     step are the parent's.
+
+    ``packing`` (``"auto"``, ``True``, ``False``) and ``pack_length`` are the text module's: packed micro-batches
+    (:class:`ImageTextPackedCollator`) hold the same samples, loss and gradients as padded ones. ``"auto"`` packs
+    when :func:`image_text_packing_is_exact` finds, on the first training micro-batch, that the model being fitted
+    keeps packed samples (and their images) apart, and pads otherwise (logged with the model type and why);
+    ``True`` packs, and is an error if the check fails. ``pack_length`` defaults to ``max_length``; without either,
+    a micro-batch is packed into one row.
     """
 
     def __init__(
@@ -539,6 +722,8 @@ class ImageTextDataModule(CausalLMDataModule):
         val_fraction: float = 0.0,
         seed: int = 42,
         num_workers: int = 0,
+        packing: bool | str = "auto",
+        pack_length: int | None = None,
     ):
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
             raise ValueError(
@@ -559,10 +744,13 @@ class ImageTextDataModule(CausalLMDataModule):
         super().__init__(
             processor.tokenizer, train_data, val_data, data_format="messages", max_length=max_length,
             batch_size=batch_size, val_batch_size=val_batch_size, val_fraction=val_fraction, seed=seed,
-            num_workers=num_workers,
+            num_workers=num_workers, packing=packing, pack_length=pack_length,
         )
         self.skipped_ids = skipped_token_ids(processor)
         self.collator = ImageTextCollator(processor, self.skipped_ids)
+        self.packed_collator = ImageTextPackedCollator(processor, self.skipped_ids, self.pad_token_id,
+                                                       pack_length or max_length)
+        self.packing_reason: str | None = None
 
     def _load_records(self, data: DataArg, data_format: str) -> tuple[list[ImageTextRecord], str]:
         return load_image_text_records(data), "messages"
@@ -587,12 +775,40 @@ class ImageTextDataModule(CausalLMDataModule):
             raise DataSourceError(f"{split}: no sample has a token to train on")
         return kept
 
-    def _collate(self):
-        return self.collator  # image tokens must stay in their sample's row: no packing
+    def packing_probe(self) -> list[ImageTextSample]:
+        """The samples the exactness check runs on: the first training micro-batch (at least two samples, so that
+        two share the row; at most four, to keep the check cheap), the same on every rank."""
+        self.setup("fit")
+        return self.train_samples[: min(max(self.batch_size, 2), 4)]
+
+    def use_packing(self) -> bool:
+        """Whether batches are packed: ``packing`` resolved against the model being fitted (decided once, by
+        :func:`image_text_packing_is_exact` on :meth:`packing_probe`)."""
+        if self._packing_decision is not None:
+            return self._packing_decision
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        model = getattr(module, "model", None)
+        if model is None or self.packing is False:
+            return super().use_packing()
+        forward = getattr(module, "forward", None)
+        ok, reason = image_text_packing_is_exact(
+            model, self.packing_probe(), self.collator, self.packed_collator,
+            forward=(lambda batch: forward(batch).logits) if forward is not None else None,
+        )
+        if not ok and self.packing is True:
+            raise ValueError(f"packing=True, but this model cannot be packed exactly: {reason}")
+        log.info("packing: %s (%s)", "on" if ok else "off, batches are padded", reason)
+        if ok and uses_flash_attention(model):
+            self.packed_collator.one_row = True  # variable-length flash attention takes the batch as one row
+        self.packing_reason = reason
+        self._packing_decision = ok
+        return ok
 
 
 __all__ = [
     "SUPPORTED_MODES", "ImageError", "image_text_inputs", "prompt_length", "ImageTextCollator", "ImageTextDataModule", "ImageTextRecord",
-    "ImageTextSample", "encode_samples", "load_image", "load_image_text_records", "open_image", "parse_record",
+    "ImageTextPackedCollator", "ImageTextSample", "PackingUnsupported", "encode_samples", "image_text_packing_is_exact",
+    "pack_rows", "load_image", "load_image_text_records", "open_image", "parse_record",
     "prompt_and_reference", "render_sample", "skipped_token_ids",
 ]

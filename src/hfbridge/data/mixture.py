@@ -28,9 +28,11 @@ from pathlib import Path
 
 from hfbridge.data.datamodule import CausalLMDataModule
 from hfbridge.data.formats import FORMATS, TokenizedSample
-from hfbridge.data.sources import DataSourceError
+from hfbridge.data.hub import HubDataset, as_hub_dataset
+from hfbridge.data.sources import DataSourceError, resolve_source
 
 SOURCE_KEYS = ("path", "weight", "max_samples", "epochs")
+HUB_KEYS = ("hub", "config", "split", "revision")  # a hub dataset's entry: {hub: owner/name, config, split, revision}
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,15 @@ def _positive_int(value, what: str) -> int:
     return value
 
 
-def parse_source(item, position: int = 0) -> SourceSpec:
+def parse_source(item, position: int = 0, hub: dict | None = None) -> SourceSpec:
     """One ``data.train`` entry as a :class:`SourceSpec`; a clear error naming the entry otherwise.
 
     A string is ``PATH`` or ``PATH:WEIGHT``: it is split at its last ``:`` unless it names an existing file as a
-    whole."""
+    whole. A path that names a hub dataset (:func:`~hfbridge.data.sources.resolve_source`), or a mapping with
+    ``hub:``, becomes a :class:`~hfbridge.data.hub.HubDataset` read with its entry's ``config``, ``split`` and
+    ``revision``, else ``hub``'s (the run's ``data.hub_config``, ``data.train_split``, ``data.hub_revision``)."""
     where = f"data.train[{position}]"
+    hub = {"config": None, "split": "train", "revision": None, **(hub or {})}
     if isinstance(item, str):
         text = item.strip()
         if not text:
@@ -84,32 +89,45 @@ def parse_source(item, position: int = 0) -> SourceSpec:
                 value = _number(weight, f"{where}: the weight in {item!r}")
             except ValueError as e:
                 raise ValueError(f"{e} (expected PATH or PATH:WEIGHT, e.g. --data train.jsonl:3)") from None
-            return SourceSpec(path, value, position=position)
-        return SourceSpec(text, position=position)
+            return SourceSpec(resolve_source(path, **hub), value, position=position)
+        return SourceSpec(resolve_source(text, **hub), position=position)
     if isinstance(item, dict):
+        keys = SOURCE_KEYS + HUB_KEYS
         for key in item:
-            if key not in SOURCE_KEYS:
-                close = difflib.get_close_matches(str(key), SOURCE_KEYS, n=1)
+            if key not in keys:
+                close = difflib.get_close_matches(str(key), keys, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"{where}.{key}: unknown key{hint}; allowed: {', '.join(SOURCE_KEYS)}")
-        path = item.get("path")
-        if not isinstance(path, str) or not path.strip():
-            raise ValueError(f"{where}.path: required, a data file or folder, got {path!r}")
+                raise ValueError(f"{where}.{key}: unknown key{hint}; allowed: {', '.join(keys)}")
+        if "hub" in item:
+            if "path" in item:
+                raise ValueError(f"{where}: give path (a local file or folder) or hub (a hub dataset), not both")
+            options = {key: item.get(key, hub[key]) for key in ("config", "split", "revision")}
+            path = as_hub_dataset(item["hub"], what=f"{where}.hub", **options)
+        else:
+            path = item.get("path")
+            extra = [key for key in HUB_KEYS if key in item]
+            if extra:
+                raise ValueError(f"{where}.{extra[0]}: only for a hub dataset ({{hub: owner/name, config, split, "
+                                 "revision}}), not a path")
+            if not isinstance(path, str) or not path.strip():
+                raise ValueError(f"{where}.path: required, a data file or folder, got {path!r}")
+            path = resolve_source(path.strip(), **hub)
         weight = _number(item.get("weight", 1.0), f"{where}.weight")
         cap = item.get("max_samples")
         cap = None if cap is None else _positive_int(cap, f"{where}.max_samples")
         epochs = _positive_int(item.get("epochs", 1), f"{where}.epochs")
-        return SourceSpec(path.strip(), weight, cap, epochs, position)
-    raise ValueError(f"{where}: must be a path, PATH:WEIGHT or a mapping {{path, weight, max_samples, epochs}}, "
-                     f"got {type(item).__name__} {item!r}")
+        return SourceSpec(path, weight, cap, epochs, position)
+    raise ValueError(f"{where}: must be a path, PATH:WEIGHT or a mapping {{path, weight, max_samples, epochs}} "
+                     f"(or {{hub, config, split, revision, ...}}), got {type(item).__name__} {item!r}")
 
 
-def parse_sources(train) -> list[SourceSpec]:
-    """``data.train`` (a string or a list of entries) as its sources."""
+def parse_sources(train, hub: dict | None = None) -> list[SourceSpec]:
+    """``data.train`` (a string or a list of entries) as its sources; ``hub``: the config, split and revision of
+    hub datasets whose entries do not set their own."""
     items = [train] if isinstance(train, str) else list(train)
     if not items:
         raise ValueError("data.train: an empty list; give at least one source, or null for the demo data")
-    return [parse_source(item, i) for i, item in enumerate(items)]
+    return [parse_source(item, i, hub) for i, item in enumerate(items)]
 
 
 def normalise_train(train):
@@ -208,7 +226,7 @@ def build_mixture(specs: Sequence[SourceSpec], load: Callable[[str, str], tuple[
     sources: list[Source] = []
     several = len(specs) > 1  # one source's errors read as they always have
     for spec in specs:
-        if several and not Path(spec.path).exists():
+        if several and not isinstance(spec.path, HubDataset) and not Path(spec.path).exists():
             raise DataSourceError(f"{spec.where}: data file not found: {spec.path}")
         try:
             records, source_fmt = load(spec.path, fmt)
@@ -261,10 +279,12 @@ def realised_shares(mixture: Mixture, samples: Sequence[Sequence[TokenizedSample
     rows = []
     for source, drawn in zip(mixture.sources, samples):
         kept = [s for s in drawn if s is not None]
-        rows.append({"path": source.spec.path, "format": source.format, "weight": source.spec.weight,
+        rows.append({"path": str(source.spec.path), "format": source.format, "weight": source.spec.weight,
                      "max_samples": source.spec.max_samples, "epochs": source.spec.epochs,
                      "records": len(source.records), "samples": len(kept),
                      "label_tokens": sum(s.num_label_tokens for s in kept)})
+        if isinstance(source.spec.path, HubDataset):  # which config, split and revision of the hub dataset
+            rows[-1].update(source.spec.path.describe(), path=source.spec.path.label)
     total_samples = sum(r["samples"] for r in rows) or 1
     total_tokens = sum(r["label_tokens"] for r in rows) or 1
     weight = sum(r["weight"] for r in rows)

@@ -148,7 +148,10 @@ def packing_is_exact(model: nn.Module, rtol: float | None = None) -> tuple[bool,
 
 
 def uses_flash_attention(model: nn.Module) -> bool:
-    """Whether the model runs a flash-attention kernel (which takes a packed micro-batch as one row)."""
+    """Whether the model runs variable-length attention (a flash-attention kernel, or hfbridge's per-sample SDPA,
+    :mod:`hfbridge.models.varlen_attention`), which takes a packed micro-batch as one row with no padding."""
+    from hfbridge.models.varlen_attention import NAME
+
     config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None) or ""
-    return "flash" in str(impl)
+    impl = str(getattr(config, "_attn_implementation", None) or "")
+    return "flash" in impl or impl == NAME

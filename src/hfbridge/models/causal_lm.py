@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from hfbridge.losses import NUM_LABEL_TOKENS_KEY, count_label_tokens, masked_cross_entropy
-from hfbridge.models import hooks, loading
-from hfbridge.models.chunked_loss import HeadSplit, forward_keys, linear_loss, split_head
+from hfbridge.models import hooks, loading, varlen_attention
+from hfbridge.models.chunked_loss import HeadSplit, forward_keys, split_head
+from hfbridge.models.fused_mlp import fuse_gated_mlps
 from hfbridge.models.liger import apply_liger_kernels, liger_usable, require_liger
 from hfbridge.models.peft_adapters import base_model, is_peft_model
 from hfbridge.models.saving import save_hf_folder
@@ -167,13 +168,14 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         self.activation_checkpointing = hooks.check_checkpointing_mode(activation_checkpointing)
         self.compile_layers = compile
         self.liger = liger
-        self._head_split: tuple[nn.Module, HeadSplit | None] | None = None
+        self._head_split: tuple[nn.Module, bool, HeadSplit | None] | None = None
         self._step_loss_sum = 0.0
         self._step_tokens_seen = 0
         self._open_step: _OpenStep | None = None
         self._device_mesh = device_mesh
         self.parallel = parallel
         self._dp_mesh = None
+        self._context_parallel = None  # set on a mesh with cp > 1: splits each sequence, combines the loss
 
     # ----------------------------------------------------------------------------------------------- tokenizer
     @property
@@ -274,7 +276,18 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         )
 
     def _after_transform(self, model: nn.Module) -> None:
-        """Subclasses' changes to the loaded (and transformed) model before it is parallelized; none here."""
+        """Changes to the loaded (and transformed) model before it is parallelized (subclasses replace them): on one
+        process, a plain causal model under ``sdpa`` attends packed samples one by one
+        (:mod:`hfbridge.models.varlen_attention`), so a packed micro-batch is one row without padding, and its
+        gated MLPs keep two activations for backward, not three (:mod:`hfbridge.models.fused_mlp`; Liger's kernels
+        replace them on a GPU)."""
+        if self._device_mesh is not None:
+            return
+        if self.attn_implementation == "sdpa":
+            switched, reason = varlen_attention.enable(base_model(model))
+            log.info("attention: %s (%s)", varlen_attention.NAME if switched else "sdpa", reason)
+        if not self.liger:
+            fuse_gated_mlps(model)
 
     def _plan(self) -> hooks.ParallelPlan:
         """The parallel layer, as this module's ``parallel`` argument asks for it."""
@@ -289,9 +302,8 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         if self._device_mesh is None:
             return model
         self._dp_mesh = plan.data_parallel_mesh(self._device_mesh)
-        if self.chunked_loss:  # it calls the backbone and the head apart, outside FSDP's root: full logits
-            log.info("loss without full logits: off on a device mesh (the model is sharded)")
-            self.chunked_loss = False
+        context_parallel = getattr(plan, "context_parallel", None)  # a plan may not split sequences
+        self._context_parallel = context_parallel(self._device_mesh) if context_parallel is not None else None
         return model
 
     @property
@@ -357,27 +369,37 @@ class HFAutoModelForCausalLM(pl.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return mean_loss * (n_micro / max(n_step, 1.0) * dp_size * accumulate)
 
-    def _split(self) -> HeadSplit | None:
-        """The model as backbone + linear head for the loss without full logits, or ``None`` (found once per model)."""
+    def _split(self, sharded: bool = False) -> HeadSplit | None:
+        """The model as backbone + linear head for the loss without full logits, or ``None`` (found once per model).
+
+        ``sharded``: the caller computes the loss with :meth:`HeadSplit.loss` (inside the FSDP2 root's forward,
+        across a vocabulary-split head), so a sharded model keeps the loss without full logits; callers that use
+        the backbone and head apart leave it off and get ``None`` for a sharded model."""
         if not self.chunked_loss or self.loss_fn is not masked_cross_entropy:
             return None
-        if self._head_split is None or self._head_split[0] is not self.model:
-            split, reason = split_head(self.model)
+        sharded = sharded and self._dp_mesh is not None  # off a mesh both ways are the same split
+        if self._head_split is None or self._head_split[0] is not self.model or self._head_split[1] != sharded:
+            split, reason = split_head(self.model, sharded=sharded)
             log.info("loss without full logits: %s (%s)", "on" if split else "off, full logits", reason)
-            self._head_split = (self.model, split)
-        return self._head_split[1]
+            self._head_split = (self.model, sharded, split)
+        return self._head_split[2]
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """The mean loss over the batch's trained tokens, and their number (for training and validation)."""
         batch = with_input_ids(batch)
+        context = self._context_parallel
+        if context is not None:  # context parallelism: this rank's part of every sequence
+            batch = context.shard(batch)
         labels, loss_mask = batch["labels"], batch.get("loss_mask")
-        split = self._split()
+        split = self._split(sharded=True)
         if split is None:
             mean_loss = self._call_loss_fn(self.forward(batch).logits, labels, loss_mask)
-        else:
-            hidden = split.hidden_states({k: v for k, v in batch.items() if k not in LOSS_KEYS})
+        else:  # inside the root's forward: on a mesh FSDP2 gathers the head, and a vocabulary-split head works
             chunk = 512 if self.chunked_loss is True else int(self.chunked_loss)
-            mean_loss = linear_loss(hidden, split.head, labels, loss_mask, chunk, self.liger)
+            inputs = {k: v for k, v in batch.items() if k not in LOSS_KEYS}
+            mean_loss = split.loss(inputs, labels, loss_mask, chunk, self.liger)
+        if context is not None:  # the loss and label tokens of the whole micro-batch, over the cp ranks
+            return context.combine(mean_loss, count_label_tokens(labels, loss_mask))
         return mean_loss, count_label_tokens(labels, loss_mask)
 
     def _call_loss_fn(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None):

@@ -9,6 +9,7 @@ the loss (normalised per label token of the optimizer step), validation and savi
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -207,11 +208,42 @@ class HFAutoModelForImageTextToText(HFAutoModelForCausalLM):
             load_in_4bit=True, trust_remote_code=self.trust_remote_code, quantization_skip_modules=keep,
         )
 
+    # ----------------------------------------------------------------------------------------------- forward
+    def _model_forward_keys(self) -> frozenset[str] | None:
+        """The model's named forward arguments, plus ``use_cache`` where its forward passes ``**kwargs`` on to the
+        language model (LLaVA's): see :func:`_no_cache_keys`."""
+        return _no_cache_keys(super()._model_forward_keys(), base_model(self.model))
+
+    def _split(self, *args, **kwargs):
+        """The causal LM's backbone/head split, its backbone also told ``use_cache=False`` (:func:`_no_cache_keys`)."""
+        split = super()._split(*args, **kwargs)
+        if split is not None:
+            split.keys = _no_cache_keys(split.keys, split.backbone)
+        return split
+
     def _preprocessor(self):
         """The processor (tokenizer, image processor, chat template), saved beside the model."""
         if self._processor is not None or not isinstance(self.model_name, nn.Module):
             return self.processor
         return None
+
+
+def _no_cache_keys(keys: frozenset[str] | None, module: nn.Module) -> frozenset[str] | None:
+    """``keys`` (a forward's named arguments, to which a batch is cut) with ``use_cache`` added when ``module``'s
+    forward does not name it but passes ``**kwargs`` on (LLaVA's, to its language model), so that training passes
+    ``use_cache=False``. Without it the language model takes ``use_cache`` from its config: it fills a KV cache
+    nobody reads, and transformers builds no per-sample mask for restarting ``position_ids`` when there is a cache
+    (``masking_utils``: packed sequences are detected only without one), so packed samples would attend to each
+    other."""
+    if keys is None or "use_cache" in keys:
+        return keys
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return keys
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return keys | {"use_cache"}
+    return keys
 
 
 def full_precision_modules(model: nn.Module) -> list[str]:

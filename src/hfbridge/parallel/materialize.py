@@ -9,6 +9,11 @@ No rank holds the whole model when it does not have to:
   rank reading only its slices (``torch.distributed.checkpoint.HuggingFaceStorageReader``), or, when the
   weights are not all in the files (random init, or a transform such as LoRA that adds initialised weights),
   rank 0 builds the full model once and broadcasts it shard by shard.
+
+4-bit (bitsandbytes NF4) models are the exception: their packed weights are quantized while they load, so every
+rank loads the (small) 4-bit model whole and keeps its frozen base replicated; FSDP2 then shards only the
+floating-point parameters (the adapter, norms, embeddings, head) and the adapter's optimizer state
+(:func:`quantized_replica`, :func:`hfbridge.parallel.parallelize.apply_fsdp`).
 """
 
 from __future__ import annotations
@@ -43,14 +48,11 @@ class WeightSource:
 
 
 def skeleton_for(module, auto_class=None, model_name=None) -> nn.Module:
-    """The meta-device skeleton of an ``HFAutoModelForCausalLM``'s model, remembering where its weights are."""
-    if module.load_in_4bit:
-        raise UnsupportedParallelismError(
-            "load_in_4bit with a device mesh is not supported: FSDP2 and tensor parallelism need plain "
-            "floating-point parameters, and bitsandbytes 4-bit weights are not. Train QLoRA on one device, or "
-            "shard the model without load_in_4bit"
-        )
+    """The meta-device skeleton of an ``HFAutoModelForCausalLM``'s model, remembering where its weights are (a 4-bit
+    model: the whole quantized model, see :func:`quantized_replica`)."""
     name = module.model_name if model_name is None else model_name
+    if module.load_in_4bit:
+        return quantized_replica(module, name, auto_class)
     source = WeightSource(
         path=loading.resolve_model_path(name, module.trust_remote_code),
         load_pretrained_weights=module.load_pretrained_weights,
@@ -62,6 +64,26 @@ def skeleton_for(module, auto_class=None, model_name=None) -> nn.Module:
         rng_state=torch.get_rng_state(),
     )
     return skeleton(source)
+
+
+def quantized_replica(module, model_name, auto_class=None) -> nn.Module:
+    """The 4-bit model of ``module``, loaded whole on this rank (on its own device), with every rank's random state
+    set to rank 0's, so that the adapter a transform adds next is drawn alike on every rank, as one process would
+    draw it (:func:`hfbridge.parallel.parallelize.apply_fsdp` also broadcasts the trainable weights from rank 0)."""
+    if not module.load_pretrained_weights:
+        raise UnsupportedParallelismError("load_in_4bit needs pretrained weights (load_pretrained_weights=True)")
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    model = loading.load_pretrained_model(
+        model_name, auto_class=auto_class, dtype=module.default_dtype, attn_implementation=module.attn_implementation,
+        load_in_4bit=True, trust_remote_code=module.trust_remote_code, device_map={"": device},
+    )
+    if torch.distributed.is_initialized():
+        state = [torch.get_rng_state()]
+        torch.distributed.broadcast_object_list(state, src=0)
+        torch.set_rng_state(state[0])
+    return model
 
 
 def skeleton(source: WeightSource) -> nn.Module:

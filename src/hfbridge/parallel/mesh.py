@@ -1,4 +1,4 @@
-"""The ``(dp, fsdp, tp, sp)`` device mesh and the settings of a parallel run.
+"""The ``(dp, fsdp, tp, sp, cp)`` device mesh and the settings of a parallel run.
 
 ``sharding_axis_dims`` gives the size of each axis named in ``sharding_axis_names``; one of them may be ``-1``
 and is inferred from the world size. What the axes mean:
@@ -10,10 +10,14 @@ and is inferred from the world size. What the axes mean:
   blocks (norms, residual stream). As in Megatron-LM and torchtitan this rides on the tensor-parallel
   collectives, so the ``sp`` ranks join the ``tp`` ranks in one model-parallel group of ``tp * sp`` ranks that
   splits the weights too.
+* ``cp``: context parallelism. Its ranks split every sequence of a micro-batch (load-balanced chunks) and
+  all-gather the keys and values in each attention layer (:mod:`hfbridge.parallel.context`); FSDP2 shards over
+  ``fsdp x cp``.
 
-Ranks with different ``(dp, fsdp)`` coordinates see different data; the ``tp * sp`` ranks of one group see the
-same batch. The mesh is laid out in the order ``dp, fsdp, tp, sp`` whatever the order of the names, so the
-model-parallel ranks are neighbours (the same node when there are several).
+Ranks with different ``(dp, fsdp)`` coordinates see different data; the ``tp * sp`` ranks and the ``cp`` ranks of
+one group see the same batch. The mesh is laid out in the order ``dp, fsdp, cp, tp, sp`` (:data:`MESH_ORDER`)
+whatever the order of the names, so the model-parallel ranks are neighbours (the same node when there are
+several), then the ``cp`` ranks. Four sizes name ``dp, fsdp, tp, sp`` (``cp`` is 1).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 
 from hfbridge._shared import resolve_axis_dims  # noqa: F401  (re-exported by hfbridge.parallel)
 
-AXIS_NAMES: tuple[str, ...] = ("dp", "fsdp", "tp", "sp")
+AXIS_NAMES: tuple[str, ...] = ("dp", "fsdp", "tp", "sp", "cp")
+MESH_ORDER: tuple[str, ...] = ("dp", "fsdp", "cp", "tp", "sp")  # how the ranks are laid out
 DEFAULT_AXIS_DIMS: tuple[int, ...] = (1, -1, 1, 1)
 DATA_AXES = ("dp", "fsdp")
 MODEL_AXES = ("tp", "sp")
@@ -38,8 +43,9 @@ class ParallelConfig:
 
     Args:
         sharding_axis_dims: size of each axis; one ``-1`` is inferred from the world size.
-        sharding_axis_names: the axes those sizes belong to, a permutation of (a subset of) dp, fsdp, tp, sp;
-            an axis left out has size 1.
+        sharding_axis_names: the axes those sizes belong to, a permutation of (a subset of) dp, fsdp, tp, sp,
+            cp; an axis left out has size 1. The default names five sizes ``dp, fsdp, tp, sp, cp``, or four
+            ``dp, fsdp, tp, sp``.
         partition_rules: ordered ``(regex, placement)`` pairs for tensor parallelism; the first regex that
             matches (``re.search``) a parameter's name wins. ``placement`` is ``"colwise"``, ``"rowwise"``,
             ``"replicate"`` or a ``torch.distributed.tensor.parallel.ParallelStyle``. Every parameter must
@@ -66,12 +72,14 @@ class ParallelConfig:
     def __post_init__(self):
         object.__setattr__(self, "sharding_axis_dims", tuple(int(d) for d in self.sharding_axis_dims))
         object.__setattr__(self, "sharding_axis_names", tuple(self.sharding_axis_names))
+        if self.sharding_axis_names == AXIS_NAMES and len(self.sharding_axis_dims) == len(AXIS_NAMES) - 1:
+            object.__setattr__(self, "sharding_axis_names", AXIS_NAMES[:-1])  # four sizes: dp, fsdp, tp, sp
         if self.partition_rules is not None:
             object.__setattr__(self, "partition_rules", tuple(tuple(r) for r in self.partition_rules))
         check_axis_names(self.sharding_axis_dims, self.sharding_axis_names)
 
     def axis_sizes(self, world_size: int) -> dict[str, int]:
-        """``{axis: size}`` for all four axes, with the ``-1`` resolved for ``world_size`` processes."""
+        """``{axis: size}`` for all five axes, with the ``-1`` resolved for ``world_size`` processes."""
         dims = resolve_axis_dims(self.sharding_axis_dims, world_size)
         sizes = dict.fromkeys(AXIS_NAMES, 1)
         sizes.update(zip(self.sharding_axis_names, dims))
@@ -102,22 +110,23 @@ def parse_axis_names(text: str) -> tuple[str, ...]:
 
 
 def build_device_mesh(config: ParallelConfig, world_size: int | None = None, device_type: str = "cpu"):
-    """The 4-D ``DeviceMesh`` ``(dp, fsdp, tp, sp)`` of ``config`` over the initialised process group."""
+    """The 5-D ``DeviceMesh`` of ``config`` over the initialised process group, laid out ``dp, fsdp, cp, tp, sp``."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if world_size is None:
         world_size = torch.distributed.get_world_size()
     sizes = config.axis_sizes(world_size)
-    return init_device_mesh(device_type, tuple(sizes[a] for a in AXIS_NAMES), mesh_dim_names=AXIS_NAMES)
+    return init_device_mesh(device_type, tuple(sizes[a] for a in MESH_ORDER), mesh_dim_names=MESH_ORDER)
 
 
 @dataclass
 class MeshLayout:
     """The sub-meshes of a 4-D mesh that parallelism uses.
 
-    ``data`` is the 2-D ``(dp, fsdp)`` mesh FSDP2 shards over (hybrid: replicated over dp, sharded over fsdp);
-    ``data_flat`` the same ranks as one group (token counts, sampler shards); ``model`` the 1-D tensor/sequence
-    parallel mesh of ``tp * sp`` ranks (``None`` when that is 1).
+    ``data`` is the 2-D ``(dp, fsdp)`` mesh FSDP2 shards over (hybrid: replicated over dp, sharded over fsdp;
+    with ``cp > 1`` it is ``(dp, fsdp x cp)``); ``data_flat`` the ``dp x fsdp`` ranks as one group (they see
+    different data: token counts, sampler shards); ``model`` the 1-D tensor/sequence parallel mesh of ``tp * sp``
+    ranks (``None`` when that is 1); ``context`` the 1-D ``cp`` mesh (``None`` when ``cp`` is 1).
     """
 
     mesh: Any
@@ -125,6 +134,7 @@ class MeshLayout:
     data_flat: Any
     model: Any
     sizes: dict[str, int]
+    context: Any = None
 
     @property
     def data_parallel_size(self) -> int:
@@ -137,6 +147,10 @@ class MeshLayout:
     @property
     def sequence_parallel(self) -> bool:
         return self.sizes["sp"] > 1
+
+    @property
+    def context_parallel_size(self) -> int:
+        return self.sizes.get("cp", 1)
 
     @property
     def data_parallel_rank(self) -> int:
@@ -154,20 +168,26 @@ def mesh_layout(mesh) -> MeshLayout:
         return _LAYOUTS[key]
     names = tuple(mesh.mesh_dim_names or ())
     if names == ("data_parallel", "tensor_parallel"):
-        sizes = {"dp": 1, "fsdp": mesh["data_parallel"].size(), "tp": mesh["tensor_parallel"].size(), "sp": 1}
+        sizes = {"dp": 1, "fsdp": mesh["data_parallel"].size(), "tp": mesh["tensor_parallel"].size(), "sp": 1,
+                 "cp": 1}
         data = mesh["data_parallel"]
         data_flat = data
         model = mesh["tensor_parallel"] if sizes["tp"] > 1 else None
-    elif names == AXIS_NAMES:
-        sizes = {a: mesh[a].size() for a in AXIS_NAMES}
+        context = None
+    elif names in (MESH_ORDER, AXIS_NAMES[:-1]):  # built by build_device_mesh (or by hand without cp)
+        sizes = {a: mesh[a].size() if a in names else 1 for a in AXIS_NAMES}
         data = mesh["dp", "fsdp"]
         data_flat = data._flatten("dp_fsdp")
         model = mesh["tp", "sp"]._flatten("tp_sp") if sizes["tp"] * sizes["sp"] > 1 else None
+        context = mesh["cp"] if sizes["cp"] > 1 else None
+        if context is not None:  # FSDP2 shards over fsdp x cp (and averages gradients over it)
+            mesh["fsdp", "cp"]._flatten("fsdp_cp")
+            data = mesh["dp", "fsdp_cp"]
     else:
         raise ValueError(
             f"a device mesh with axes {names} is not understood: build it with hfbridge.parallel.build_device_mesh "
-            f"(axes {AXIS_NAMES}) or use Lightning's ModelParallelStrategy mesh"
+            f"(axes {MESH_ORDER}) or use Lightning's ModelParallelStrategy mesh"
         )
-    layout = MeshLayout(mesh, data, data_flat, model, sizes)
+    layout = MeshLayout(mesh, data, data_flat, model, sizes, context)
     _LAYOUTS[key] = layout
     return layout

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hfbridge.parallel.context import ContextParallel
 from hfbridge.parallel.export import gather_plain_model
 from hfbridge.parallel.materialize import is_skeleton, materialize, skeleton_for
 from hfbridge.parallel.mesh import ParallelConfig, mesh_layout
@@ -38,6 +39,11 @@ class MeshPlan:
 
     def data_parallel_mesh(self, mesh):
         return mesh_layout(mesh).data_flat
+
+    def context_parallel(self, mesh) -> ContextParallel | None:
+        """How the module splits its batches over the ``cp`` ranks and combines their losses (``None``: cp=1)."""
+        context = mesh_layout(mesh).context if mesh is not None else None
+        return ContextParallel(context) if context is not None else None
 
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(parameters, max_norm)

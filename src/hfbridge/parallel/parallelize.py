@@ -3,13 +3,16 @@
 :func:`parallelize_model` is what the model modules call (through their plan, :mod:`hfbridge.parallel.mesh_plan`) from
 ``configure_model``:
 
-1. checks (4-bit weights, adapters with tensor parallelism, heads divisible by ``tp * sp``);
+1. checks (4-bit weights only with an adapter over ``dp``/``fsdp``, adapters with sequence parallelism, heads
+   divisible by ``tp * sp``);
+   with ``cp > 1``, context parallelism's attention (:mod:`hfbridge.parallel.context`, the model checked first);
 2. tensor parallelism over the ``tp * sp`` ranks from the plan (:mod:`hfbridge.parallel.plans`), with sequence
    parallelism for norms and activations when ``sp > 1``; tied input/output embeddings are tied again after;
 3. activation checkpointing of the decoder blocks (every block, selective, or every k-th), when asked;
 4. ``torch.compile`` of each decoder block (regional compilation), when asked;
-5. FSDP2 ``fully_shard`` on each decoder block, then on the root, over the ``(dp, fsdp)`` mesh: hybrid sharding
-   (replicated over ``dp``, sharded over ``fsdp``) with a ``MixedPrecisionPolicy`` and optional CPU offload.
+5. FSDP2 ``fully_shard`` on each decoder block, then on the root (4-bit weights left whole on every rank), over the
+   ``(dp, fsdp)`` mesh (``fsdp x cp`` with context parallelism): hybrid sharding (replicated over ``dp``, sharded
+   over ``fsdp``) with a ``MixedPrecisionPolicy`` and optional CPU offload.
 
 Without a mesh (one process) only 3 and 4 apply. A model still on the meta device (see
 :mod:`hfbridge.parallel.materialize`) is parallelized there, then each rank allocates and loads only its shards.
@@ -27,6 +30,7 @@ from hfbridge.models import loading
 from hfbridge.models.hooks import CheckpointingMode, check_checkpointing_mode
 from hfbridge.models.peft_adapters import base_model, is_peft_model, is_quantized
 from hfbridge.parallel import plans
+from hfbridge.parallel.context import ContextParallel
 from hfbridge.parallel.mesh import MeshLayout, ParallelConfig, mesh_layout
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ def parallelize_model(model: nn.Module, mesh=None, config: ParallelConfig | None
     layout = mesh_layout(mesh) if mesh is not None else None
     if layout is not None:
         check_supported(model, layout)
+        if layout.context is not None:  # cp: attention gathers the keys and values of the split sequence
+            ContextParallel(layout.context).attach(base_model(model))
         if layout.model is not None:
             apply_tensor_parallel(model, layout, config)
     mode = check_checkpointing_mode(activation_checkpointing) or config.activation_checkpointing
@@ -60,15 +66,28 @@ def parallelize_model(model: nn.Module, mesh=None, config: ParallelConfig | None
 def check_supported(model: nn.Module, layout: MeshLayout) -> None:
     world = layout.data_parallel_size * layout.model_parallel_size
     if is_quantized(model) and world > 1:
+        if getattr(base_model(model), "is_loaded_in_8bit", False):
+            raise UnsupportedParallelismError(
+                "8-bit (bitsandbytes LLM.int8) weights on a device mesh are not supported: only 4-bit NF4 (QLoRA) "
+                "is, with fsdp/dp. Use load_in_4bit, or train 8-bit on one device"
+            )
+        if layout.model is not None:
+            raise UnsupportedParallelismError(
+                "4-bit weights with tensor/sequence parallelism (tp*sp > 1) are not supported: bitsandbytes packs "
+                "each 4-bit weight into a flat byte buffer with per-block scales (its quant_state), which cannot be "
+                "split into rows or columns. QLoRA trains over fsdp/dp (the 4-bit base replicated on every rank, "
+                "the adapter and its optimizer state sharded), e.g. sharding_axis_dims=(1,-1,1,1)"
+            )
+        if not is_peft_model(model):
+            raise UnsupportedParallelismError(
+                "4-bit weights are frozen: on a device mesh a 4-bit model trains an adapter (QLoRA), e.g. "
+                "model_transform=LoRA(...)"
+            )
+    if layout.model is not None and is_peft_model(model) and layout.sequence_parallel:
         raise UnsupportedParallelismError(
-            "4-bit/8-bit (bitsandbytes) weights cannot be sharded: FSDP2 and tensor parallelism need plain "
-            "floating-point parameters. Train QLoRA on one device, or without load_in_4bit on several"
-        )
-    if layout.model is not None and is_peft_model(model):
-        raise UnsupportedParallelismError(
-            "tensor/sequence parallelism (tp*sp > 1) with an adapter (LoRA, ...) is not supported: peft wraps the "
-            "layers the plan splits. Use fsdp/dp for adapters (e.g. sharding_axis_dims=(1,-1,1,1)), or full "
-            "fine-tuning with tensor parallelism"
+            "sequence parallelism (sp > 1) with an adapter (LoRA, ...) is not supported: the adapter's output "
+            "would have to be split over the sequence like the row-wise layer it adds to. Use tp for LoRA (e.g. "
+            "sharding_axis_dims=(1,-1,2,1)), or full fine-tuning with sp"
         )
     if layout.model is not None:
         plans.check_divisibility(getattr(model, "config", None), layout.model_parallel_size)
@@ -88,12 +107,15 @@ def apply_tensor_parallel(model: nn.Module, layout: MeshLayout, config: Parallel
     """Split the planned modules over the model-parallel mesh; returns the plan used."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    plan, source = plans.resolve_plan(model, config.partition_rules)
-    styles = plans.parallel_styles(model, plan, layout.sequence_parallel)
+    target = base_model(model)  # with an adapter: the model peft wrapped, its LoRA layers split like their base
+    plan, source = plans.resolve_plan(target, config.partition_rules)
+    if is_peft_model(model):
+        plan = plans.adapter_plan(target, plan)
+    styles = plans.parallel_styles(target, plan, layout.sequence_parallel)
     tied = _tied_groups(model)
     log.info("tensor parallel over %d ranks%s from %s", layout.model_parallel_size,
              " with sequence parallel" if layout.sequence_parallel else "", source)
-    parallelize_module(model, layout.model, styles)
+    parallelize_module(target, layout.model, styles)
     for group in tied:  # parallelize_module replaced each module's parameter; share the first again
         first_module, first_attr = group[0]
         shared = getattr(first_module, first_attr)
@@ -203,6 +225,20 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return loading._DTYPES[value]
 
 
+def quantized_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The packed 4-bit (bitsandbytes ``Params4bit``) weights of ``model``: frozen, replicated, never sharded."""
+    return {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
+
+
+def broadcast_trainable_from_rank0(model: nn.Module, group=None) -> None:
+    """Give every rank rank 0's trainable weights (an adapter each rank initialised itself), before sharding."""
+    src = torch.distributed.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.distributed.broadcast(p.data, src=src, group=group)
+
+
 def apply_fsdp(model: nn.Module, layout: MeshLayout, config: ParallelConfig) -> None:
     """FSDP2 on every decoder block and on the root, over ``(dp, fsdp)`` (hybrid when both are > 1)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -210,12 +246,15 @@ def apply_fsdp(model: nn.Module, layout: MeshLayout, config: ParallelConfig) -> 
     if layout.sizes["dp"] > 1:
         mesh = layout.data  # 2-D: replicate over dp, shard over fsdp
     elif layout.data.ndim == 2:
-        mesh = layout.data["fsdp"]
+        mesh = layout.data[layout.data.mesh_dim_names[-1]]  # fsdp (fsdp_cp with context parallelism)
     else:
         mesh = layout.data
     mp_policy = MixedPrecisionPolicy(param_dtype=_dtype(config.param_dtype), reduce_dtype=_dtype(config.reduce_dtype))
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if config.cpu_offload else OffloadPolicy()
     kwargs = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
+    if is_quantized(model):  # QLoRA: the packed 4-bit weights stay whole on every rank; the rest is sharded
+        kwargs["ignored_params"] = quantized_parameters(model)
+        broadcast_trainable_from_rank0(model, layout.data_flat.get_group())
     for block in decoder_blocks(model):
         fully_shard(block, reshard_after_forward=config.reshard_after_forward, **kwargs)
     # The root reshards too: a forward without a backward (a no-grad probe, evaluation) must not leave unsharded

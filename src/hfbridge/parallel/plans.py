@@ -100,6 +100,9 @@ def plan_from_rules(model: nn.Module, rules: Sequence[tuple[str, Any]]) -> dict[
     compiled = [(re.compile(pattern), _kind(placement, f"partition rule {pattern!r}")) for pattern, placement in rules]
     per_module: dict[str, tuple[Any, str]] = {}
     for name, _ in model.named_parameters():
+        if _ADAPTER_PARAMETER.search(name):
+            continue  # a LoRA weight follows the layer it adapts (adapter_plan)
+        name = name.replace(".base_layer.", ".")  # rules name the adapted layer as it was before peft wrapped it
         kind = next((k for regex, k in compiled if regex.search(name)), None)
         if kind is None:
             listed = "\n  ".join(f"{p!r} -> {k}" for p, k in rules)
@@ -123,6 +126,54 @@ def plan_from_rules(model: nn.Module, rules: Sequence[tuple[str, Any]]) -> dict[
         if kind != "replicate":
             plan[module] = kind
     return plan
+
+
+_ADAPTER_PARAMETER = re.compile(r"\.lora_[A-Za-z_]+\.")
+
+
+def adapter_plan(model: nn.Module, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan of a model whose planned layers peft wrapped with LoRA (names relative to the model peft wrapped).
+
+    A wrapped layer ``X`` planned ``colwise`` becomes ``X.base_layer`` column-wise and ``X.lora_B.<adapter>``
+    column-wise: ``lora_A`` sees the replicated input and stays replicated, ``lora_B`` gives this rank's output
+    features, added to the base layer's. One planned ``rowwise`` becomes ``X.base_layer`` and ``X.lora_A.<adapter>``
+    row-wise: ``lora_A`` takes this rank's input features and its partial products are summed over the ranks,
+    ``lora_B`` stays replicated and adds to the summed base output. Other adapter types (DoRA, IA3, LoHa, ...),
+    LoRA dropout, and LoRA on layers planned any other way are refused, naming the layer."""
+    modules = dict(model.named_modules())
+    out: dict[str, Any] = {}
+    for name, kind in plan.items():
+        module = modules.get(name)
+        if module is None or not hasattr(module, "base_layer"):
+            out[name] = kind
+            continue
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not lora_a or lora_b is None:
+            raise PlanError(
+                f"{name!r} is wrapped by an adapter layer ({type(module).__name__}); tensor parallelism splits LoRA "
+                "layers only: train this adapter type with fsdp/dp (tp*sp = 1)"
+            )
+        if any(bool(v) for v in (getattr(module, "use_dora", None) or {}).values()):
+            raise PlanError(
+                f"{name!r} has a DoRA adapter: its magnitude rescales whole weight columns, which tensor parallelism "
+                "splits; train DoRA with fsdp/dp (tp*sp = 1), or use plain LoRA"
+            )
+        if kind not in ("colwise", "rowwise"):
+            raise PlanError(
+                f"LoRA on {name!r}, which the tensor-parallel plan splits as {kind!r}: LoRA layers can be split only "
+                "where the plan is colwise or rowwise; leave this module out of the adapter's target_modules"
+            )
+        dropout = [a for a, m in (getattr(module, "lora_dropout", None) or {}).items() if getattr(m, "p", 0.0) > 0]
+        if dropout:
+            raise PlanError(
+                f"LoRA dropout on {name!r} (adapter {dropout[0]!r}) with tensor parallelism: the ranks of a "
+                "tensor-parallel group would draw their own dropout masks for one replicated lora_A, whose copies "
+                "would then drift apart; use dropout=0.0 with tp"
+            )
+        out[f"{name}.base_layer"] = kind
+        for adapter in lora_a:
+            out[f"{name}.lora_B.{adapter}" if kind == "colwise" else f"{name}.lora_A.{adapter}"] = kind
+    return out
 
 
 def _embedding_names(model: nn.Module) -> tuple[str | None, str | None]:

@@ -75,10 +75,15 @@ def start(cfg) -> Job | None:
         return None
     config = parallel_config(cfg.parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    config.axis_sizes(world)  # a clear error now if the sizes do not match the world
+    cp = config.axis_sizes(world)["cp"]  # a clear error now if the sizes do not match the world
+    if cp > 1:  # context parallelism: what it can split, checked before anything is loaded
+        check_context_run(cfg, cp)
     if cfg.quantization.load_in_4bit and world > 1:
-        raise ValueError("--load-in-4bit cannot be combined with several processes: FSDP2 and tensor parallelism "
-                         "need plain floating-point weights (train QLoRA on one device)")
+        raise ValueError("--load-in-4bit with several processes is not supported by hfbridge finetune: QLoRA "
+                         "trains over fsdp/dp (HFAutoModelForCausalLM(load_in_4bit=True, model_transform=LoRA(...)) "
+                         "with MeshParallelStrategy, see docs/distributed.md), but the job scores and saves one "
+                         "gathered copy of the model, which is not rebuilt from 4-bit weights yet; run QLoRA with "
+                         "one process here")
     if not torch.distributed.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
@@ -98,6 +103,18 @@ def start(cfg) -> Job | None:
         checkpoint_dir=Path(ck.dir) if ck.dir else None, save_every=ck.save_every or DEFAULT_SAVE_EVERY,
         keep_last=ck.keep_last or DEFAULT_KEEP_LAST, resume=bool(ck.resume),
     )
+
+
+def check_context_run(cfg, cp: int) -> None:
+    """Context parallelism splits the sequences of text fine-tuning (sft) under sdpa attention."""
+    from hfbridge.parallel.context import ContextParallelError, check_attention
+
+    if cfg.method.task != "text-generation" or cfg.method.name != "sft":
+        raise ContextParallelError(
+            f"context parallelism (cp={cp}) splits the sequences of text fine-tuning (method sft, task "
+            f"text-generation), not {cfg.method.name!r} on {cfg.method.task!r}; use cp=1"
+        )
+    check_attention(cfg.model.attn_implementation, cp)
 
 
 def _free_port() -> int:

@@ -68,8 +68,9 @@ class MethodSection:
 
 @dataclass
 class DataSection:
-    """Records from ``.jsonl``, ``.csv``, ``.parquet`` or a ``datasets`` folder. ``train: null`` uses the task's
-    bundled demo data (``demo_train_size`` records); a list of sources (``PATH``, ``PATH:WEIGHT`` or
+    """Records from ``.jsonl``, ``.csv``, ``.parquet``, a ``datasets`` folder or a hub dataset (``owner/name``
+    that is not a local path, read with ``hub_config``, ``hub_revision`` and each role's split). ``train: null``
+    uses the task's bundled demo data (``demo_train_size`` records); a list of sources (``PATH``, ``PATH:WEIGHT`` or
     ``{path, weight, max_samples, epochs}``) is a mixture (docs/data.md). ``test`` records are scored by exact
     match before and after. Tokenized samples are cached on disk (``cache``, ``cache_dir``, ``rebuild_cache``)."""
 
@@ -82,6 +83,13 @@ class DataSection:
     cache: bool = True
     rebuild_cache: bool = False
     cache_dir: str | None = None
+    # hub datasets (`owner/name` that is not a local path; docs/data.md, "Hub datasets")
+    hub_config: str | None = None
+    hub_revision: str | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    streaming: bool = False  # read the training file as training goes (docs/data.md, "Streaming")
 
     def __post_init__(self):
         if not isinstance(self.train, list):
@@ -153,7 +161,7 @@ class SpeedSection:
 
 @dataclass
 class ParallelSection:
-    """A ``(dp, fsdp, tp, sp)`` device mesh and the launch (docs/distributed.md)."""
+    """A ``(dp, fsdp, tp, sp, cp)`` device mesh and the launch (docs/distributed.md)."""
 
     sharding_axis_dims: list[int] | None = None
     sharding_axis_names: list[str] | None = None
@@ -272,11 +280,19 @@ FLAGS: tuple[Flag, ...] = (
     Flag("method.simpo_gamma", "--simpo-gamma", "simpo's target reward margin"),
     Flag("method.desirable_weight", "--desirable-weight", "kto: weight of desirable examples"),
     Flag("method.undesirable_weight", "--undesirable-weight", "kto: weight of undesirable examples"),
-    Flag("data.train", "--data", "training data: .jsonl, .csv, .parquet or a datasets folder (default: demo task); "
-         "repeat (or comma-separate) for a mixture, each PATH or PATH:WEIGHT (docs/data.md)",
+    Flag("data.train", "--data", "training data: .jsonl, .csv, .parquet, a datasets folder or a hub dataset "
+         "owner/name (default: demo task); repeat (or comma-separate) for a mixture, each PATH or PATH:WEIGHT (docs/data.md)",
          metavar="PATH[:WEIGHT]", repeatable=True),
-    Flag("data.validation", "--val-data", "validation data (loss only)"),
-    Flag("data.test", "--test-data", "held-out records scored by exact match before and after training"),
+    Flag("data.validation", "--val-data", "validation data (loss only): a file, folder or hub dataset"),
+    Flag("data.test", "--test-data", "held-out records scored by exact match before and after training: a file, "
+         "folder or hub dataset"),
+    Flag("data.hub_config", "--data-config", "the config (subset) of hub datasets given by name (owner/name that "
+         "is not a local path) unless their entry sets one (default: the dataset's only or default config)"),
+    Flag("data.hub_revision", "--data-revision", "the revision (commit, branch or tag) of hub datasets given by name "
+         "(default: the newest; offline: the cached copy)"),
+    Flag("data.train_split", "--data-split", "the split of a hub training dataset (default train)"),
+    Flag("data.validation_split", "--val-split", "the split of a hub --val-data dataset (default validation)"),
+    Flag("data.test_split", "--test-split", "the split of a hub --test-data dataset (default test)"),
     Flag("data.format", "--format", "auto, text, prompt_completion, messages; preference or kto (preference methods)"),
     Flag("data.max_length", "--max-length", "truncate inputs to this many tokens (default: 512, or the model's "
          "context if shorter)"),
@@ -286,6 +302,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("data.rebuild_cache", "--rebuild-cache", "tokenize again and replace the cached samples"),
     Flag("data.cache_dir", "--cache-dir", "the tokenization cache folder (default $XDG_CACHE_HOME/hfbridge/tokens "
          "or ~/.cache/hfbridge/tokens)"),
+    Flag("data.streaming", "--streaming", "read the training file lazily as training goes, never all in memory "
+         "(text sft, one file; file order; needs --max-steps unless --schedule constant --warmup-ratio 0; "
+         "docs/data.md)"),
     Flag("peft.type", "--peft", "adapter: lora (default), dora, ia3, loha, lokr, adalora, vera, boft, oft, or none"),
     Flag("peft.type", "--full", "full fine-tuning instead of an adapter (--peft none)", const="none"),
     Flag("peft.r", "--lora-r", "adapter rank"),
@@ -317,9 +336,11 @@ FLAGS: tuple[Flag, ...] = (
          const="full", metavar="full|selective|K"),
     Flag("speed.compile", "--compile", "torch.compile the decoder layers"),
     Flag("speed.liger", "--liger", "Liger kernels on CUDA GPUs (needs liger-kernel)"),
-    Flag("parallel.sharding_axis_dims", "--sharding-axis-dims", "mesh sizes dp,fsdp,tp,sp; one -1 is inferred from "
-         "the world size (e.g. 1,-1,1,1 = FSDP over all processes)"),
-    Flag("parallel.sharding_axis_names", "--sharding-axis-names", "names of the four axes (default dp,fsdp,tp,sp)"),
+    Flag("parallel.sharding_axis_dims", "--sharding-axis-dims", "mesh sizes dp,fsdp,tp,sp[,cp]; one -1 is inferred "
+         "from the world size (e.g. 1,-1,1,1 = FSDP over all processes; 1,-1,1,1,2 = each sequence split over 2 "
+         "context-parallel ranks)"),
+    Flag("parallel.sharding_axis_names", "--sharding-axis-names", "names of the four or five axes (default "
+         "dp,fsdp,tp,sp[,cp])"),
     Flag("parallel.param_dtype", "--param-dtype", "FSDP2 mixed precision: dtype of the gathered parameters"),
     Flag("parallel.reduce_dtype", "--reduce-dtype", "FSDP2 mixed precision: dtype of gradient reduction"),
     Flag("parallel.cpu_offload", "--cpu-offload", "FSDP2 CPU offload of parameters, gradients and optimizer state"),
@@ -506,12 +527,13 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"speed.pack_length: must be >= data.max_length ({cfg.data.max_length}) so that every sample "
                       f"fits a packed row, got {cfg.speed.pack_length}")
     dims = cfg.parallel.sharding_axis_dims
-    if dims is not None and (len(dims) != 4 or sum(d == -1 for d in dims) > 1 or any(d == 0 or d < -1 for d in dims)):
-        errors.append(f"parallel.sharding_axis_dims: must be four sizes dp,fsdp,tp,sp (positive, at most one -1), "
-                      f"got {dims}")
+    if dims is not None and (len(dims) not in (4, 5) or sum(d == -1 for d in dims) > 1
+                             or any(d == 0 or d < -1 for d in dims)):
+        errors.append(f"parallel.sharding_axis_dims: must be four sizes dp,fsdp,tp,sp or five dp,fsdp,tp,sp,cp "
+                      f"(positive, at most one -1), got {dims}")
     names = cfg.parallel.sharding_axis_names
-    if names is not None and (len(names) != 4 or len(set(names)) != 4):
-        errors.append(f"parallel.sharding_axis_names: must be four distinct names, got {names}")
+    if names is not None and (len(names) not in (4, 5) or len(set(names)) != len(names)):
+        errors.append(f"parallel.sharding_axis_names: must be four or five distinct names, got {names}")
     if cfg.checkpoint.dir is None:
         for key, value in (("resume", cfg.checkpoint.resume), ("save_every", cfg.checkpoint.save_every),
                            ("keep_last", cfg.checkpoint.keep_last)):

@@ -149,12 +149,21 @@ def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
         trainer, train_seconds, after, samples, harness_after = None, 0.0, None, [], None
         if task.trains(cfg):
             datamodule = task.datamodule(cfg, module, data, context)
+            resume = runtime.resume_path(job)
+            if resume is not None and getattr(datamodule, "reads_before_restore", False):
+                # Lightning reads the first batch of a loader of unknown length (a stream) before it restores the
+                # checkpoint: tell the data module where the checkpoint stopped now.
+                from hfbridge.parallel import checkpoint as ckpt
+
+                position = ckpt.read_meta(ckpt.resolve_checkpoint(resume)).get("data_position")
+                if position:
+                    datamodule.resume_at(position["epoch"], position["batches"])
             trainer = build_trainer(cfg, work, job, **task.trainer_overrides(cfg))
             module.model.train()  # scoring put it in eval mode
             t0 = time.time()
             with warnings.catch_warnings():  # the run folder already holds the config: Lightning's logger says so
                 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-                trainer.fit(module, datamodule, ckpt_path=runtime.resume_path(job))
+                trainer.fit(module, datamodule, ckpt_path=resume)
             train_seconds = time.time() - t0
             say(f"trained {trainer.global_step} optimizer steps in {train_seconds:.0f}s")
 

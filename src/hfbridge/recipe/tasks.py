@@ -55,19 +55,32 @@ class Task:
         when none is given), the validation data, and up to ``eval.samples`` test records as prompts and
         references."""
         from hfbridge.data.mixture import build_mixture, parse_sources
+        from hfbridge.data.sources import resolve_source
 
         train_path, val_path, test_path = cfg.data.train, cfg.data.validation, cfg.data.test
         if train_path is None:
             train_path, demo_test = self.write_demo_data(work / "data", cfg)
             test_path = test_path or demo_test
+        # A hub dataset (`owner/name` that is not a local path, docs/data.md) is read with these options; its
+        # splits for validation and test are their own.
+        hub = {"config": cfg.data.hub_config, "revision": cfg.data.hub_revision}
+        val_path = val_path and resolve_source(val_path, split=cfg.data.validation_split, **hub)
+        test_path = test_path and resolve_source(test_path, split=cfg.data.test_split, **hub)
         # One source or a mixture of several (docs/data.md), each read and checked in its own format; a text
         # task's sft data module tokenizes source by source, so only it takes sources of different formats.
-        specs = parse_sources(str(train_path) if isinstance(train_path, Path) else train_path)
-        self.mixture = build_mixture(specs, self.load_records, cfg.data.format, cfg.train.seed,
-                                     mixed_formats=type(self).datamodule is TextTask.datamodule,
-                                     task_label=f"--task {self.name} --method {cfg.method.name}")
-        train, fmt = self.mixture.records, self.mixture.format
-        own = fmt if len(set(self.mixture.formats)) == 1 else cfg.data.format  # mixed: each file its own
+        specs = parse_sources(str(train_path) if isinstance(train_path, Path) else train_path,
+                              {**hub, "split": cfg.data.train_split})
+        if cfg.data.streaming:  # one file, read as training goes: only its first records are read now
+            from hfbridge.data.streaming import open_training_stream
+
+            train = open_training_stream(cfg, specs, self.name)
+            fmt = own = train.format
+        else:
+            self.mixture = build_mixture(specs, self.load_records, cfg.data.format, cfg.train.seed,
+                                         mixed_formats=type(self).datamodule is TextTask.datamodule,
+                                         task_label=f"--task {self.name} --method {cfg.method.name}")
+            train, fmt = self.mixture.records, self.mixture.format
+            own = fmt if len(set(self.mixture.formats)) == 1 else cfg.data.format  # mixed: each file its own
         val, self.val_format = self.load_records(val_path, own) if val_path else (None, None)
         test, test_fmt = self.load_records(test_path, own) if test_path else (None, fmt)
         test = test[: cfg.eval.samples] if test else None
@@ -264,6 +277,10 @@ class TextTask(Task):
         max_length = cfg.data.max_length or min(512, context or 512)
         options = dict(max_length=max_length, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                        packing=_packing(cfg), pack_length=cfg.speed.pack_length)
+        if cfg.data.streaming:
+            from hfbridge.data.streaming import StreamingDataModule
+
+            return StreamingDataModule(module.tokenizer, data.train, data.validation, **options)
         mixture = getattr(self, "mixture", None)
         if mixture is None or mixture.records is not data.train:  # records not read by read_data
             return CausalLMDataModule(module.tokenizer, data.train, data.validation, data_format=data.format,
@@ -312,11 +329,6 @@ class ImageTextTask(Task):
             return {"model": {"name": model}}
         return {"model": {"name": model}, "peft": {"type": "none"}, "optim": {"lr": 3e-3}, "train": {"epochs": 6}}
 
-    def check(self, cfg: RunConfig) -> None:
-        if cfg.speed.packing == "on":
-            raise ValueError("speed.packing: packing image-text samples is not supported yet (an image's tokens "
-                             "must stay in their sample's row); use --packing auto or off")
-
     def write_demo_data(self, folder: Path, cfg: RunConfig) -> tuple[Path, Path]:
         from hfbridge.data.demo_image_text import write_shapes_data
 
@@ -357,7 +369,8 @@ class ImageTextTask(Task):
         from hfbridge.data.image_text import ImageTextDataModule
 
         return ImageTextDataModule(self.processor, data.train, data.validation, max_length=cfg.data.max_length,
-                                batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+                                batch_size=cfg.train.batch_size, seed=cfg.train.seed, packing=_packing(cfg),
+                                pack_length=cfg.speed.pack_length)
 
     def answer(self, model, module, prompts: list, cfg: RunConfig) -> list[str]:
         from hfbridge.generation import generate_image_text
