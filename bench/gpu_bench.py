@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -50,16 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _speed_module():
-    """bench/speed.py, whose measuring machinery (recorder, memory, child runner, Trainer arguments) is reused."""
-    spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).with_name("speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _speed_module()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  bench/speed.py: its child runner, recorder, data, model loading and timed fit are reused
 
 # Llama-architecture shapes built with random weights. "1b" is Llama-3.2-1B's; "tiny" is for --dry-run.
 SHAPES = {
@@ -207,10 +198,8 @@ def mean_context(tokens: list[list[int]], rows: list[list[int]]) -> float:
 
 # ----------------------------------------------------------------------------------------------------- runners
 def run_hfbridge(args, system: System) -> dict:
-    import lightning.pytorch as pl
 
     from hfbridge import HFAutoModelForCausalLM, OptimizerConfig
-    from hfbridge.data.collators import StepTokenCounter
     from hfbridge.data.formats import TokenizedSample
     from hfbridge.data.packing import PackedCollator, packing_is_exact
     from hfbridge.models.tiny_tokenizer import build_tiny_tokenizer
@@ -231,25 +220,7 @@ def run_hfbridge(args, system: System) -> dict:
     collate = PackedCollator(tokenizer.pad_token_id, pack_length=args.row_length)
     k = args.rows_per_batch
     batches = [collate([samples[i] for row in rows[j : j + k] for i in row]) for j in range(0, len(rows), k)]
-    rec = speed.Recorder(args.device == "cuda")
-    rec.micro_tokens = [speed.count_labels(b) for b in batches]
-
-    class Timer(pl.Callback):
-        def on_train_start(self, trainer, pl_module):
-            rec.start = rec.now()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if (batch_idx + 1) % args.accumulate == 0:
-                rec.step_end.append(rec.now())
-                rec.losses.append(float(trainer.callback_metrics["train_loss"]))
-
-    trainer = pl.Trainer(
-        max_steps=args.steps, accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()],
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="32-true",
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, train_dataloaders=StepTokenCounter(batches, args.accumulate))
+    rec = speed.fit_timed(module, batches, args.steps, args.accumulate, args.device)
     return finish(rec, args, args.accumulate, module.model, tokens, rows, batches[0]["input_ids"].shape)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -43,16 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _speed_module():
-    """bench/speed.py, whose child runner, data, model loading and hfbridge training run are reused."""
-    spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).with_name("speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _speed_module()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  bench/speed.py: its child runner, recorder, data, model loading and timed fit are reused
 
 
 @dataclass(frozen=True)
@@ -364,13 +355,14 @@ def _extra_callbacks(*callbacks):
 
 
 # ----------------------------------------------------------------------------------------------------- child
-def _micro_batches(args, tokenizer):
-    """The micro-batches bench/speed.py's hfbridge run trains on, in order: their samples and packed rows."""
+def _micro_batches(args, tokenizer, one_row: bool):
+    """The micro-batches bench/speed.py's hfbridge run trains on, in order: their samples and packed rows (one row
+    per micro-batch under sdpa, which hfbridge switches to per-sample attention, as bench/speed.py lays it out)."""
     from hfbridge.data.packing import PackedCollator
 
     samples = speed.build_samples(tokenizer, args.samples, args.max_length)
     samples = samples[: args.steps_total * args.accumulate * args.batch_size]
-    collate = PackedCollator(tokenizer.pad_token_id, args.max_length)
+    collate = PackedCollator(tokenizer.pad_token_id, args.max_length, one_row=one_row)
     out = []
     for i in range(0, len(samples), args.batch_size):
         group = samples[i : i + args.batch_size]
@@ -401,7 +393,7 @@ def child(args) -> None:
     from hfbridge.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    batches = _micro_batches(args, tokenizer)
+    batches = _micro_batches(args, tokenizer, one_row=run.attn == "sdpa")
     plain_load, seen = speed.load_model, {}
 
     def load_model(a, dtype):  # the run's model as bench/speed.py loads it, with this run's attention
@@ -457,8 +449,9 @@ def child(args) -> None:
         "torchtitan_flops": convention_flops(dims, lengths, run.mode, exclude_embedding=True),
         "attention_flops": attention_flops(lengths, dims.layers, dims.attn_width),
         "padded_tokens": sum(b["rows"] for b in timed), "row_width": max(b["row_width"] for b in timed),
-        "attention_computed": 12.0 * dims.layers * dims.attn_width * sum(b["n_rows"] * b["row_width"] ** 2
-                                                                         for b in timed),
+        "attention_computed": (  # per sample under per-sample attention; else each padded row in full
+            attention_flops(lengths, dims.layers, dims.attn_width, causal=False) if run.attn == "sdpa" else
+            12.0 * dims.layers * dims.attn_width * sum(b["n_rows"] * b["row_width"] ** 2 for b in timed)),
         "gemm": gemms, "profile": profile, "peak_rss_mb": trained["peak_rss_mb"], "loss": trained["loss"],
         "losses": trained["losses"],
     }

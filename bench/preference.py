@@ -23,7 +23,6 @@ allocated on a GPU), the first and the final optimizer step's loss; then hfbridg
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -36,16 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _speed_module():
-    """bench/speed.py, whose measuring machinery (recorder, memory, model loading, Trainer arguments) is reused."""
-    spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).with_name("speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  bench/speed.py: its child runner, recorder, data, model loading and timed fit are reused
 
-
-speed = _speed_module()
 BETA = 0.1
 SEED = 0  # the data module's shuffling seed
 

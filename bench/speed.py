@@ -200,11 +200,10 @@ def model_dtype(args):
 
 # ----------------------------------------------------------------------------------------------------- runners
 def run_hfbridge(args, system: System) -> dict:
-    import lightning.pytorch as pl
     import torch
 
     from hfbridge import HFAutoModelForCausalLM, OptimizerConfig
-    from hfbridge.data.collators import PaddedCollator, StepTokenCounter
+    from hfbridge.data.collators import PaddedCollator
     from hfbridge.data.packing import PackedCollator, packing_is_exact, uses_flash_attention
     from hfbridge.models.loading import load_tokenizer
 
@@ -227,7 +226,18 @@ def run_hfbridge(args, system: System) -> dict:
     else:
         collate = PaddedCollator(tokenizer.pad_token_id)
     batches = [collate(samples[i : i + args.batch_size]) for i in range(0, len(samples), args.batch_size)]
-    rec = Recorder(args.device == "cuda")
+    rec = fit_timed(module, batches, args.steps, args.accumulate, args.device)
+    return {**rec.result(args), "heldout_loss": heldout_loss(module.model, args, tokenizer)}
+
+
+def fit_timed(module, batches, steps: int, accumulate: int, device: str, precision: str = "32-true") -> Recorder:
+    """Train ``module`` on ``batches`` with Lightning for ``steps`` optimizer steps, recording each step's end time
+    and loss and each micro-batch's label tokens (clipping 1.0, no logger, checkpoints or progress bar)."""
+    import lightning.pytorch as pl
+
+    from hfbridge.data.collators import StepTokenCounter
+
+    rec = Recorder(device == "cuda")
     rec.micro_tokens = [count_labels(b) for b in batches]
 
     class Timer(pl.Callback):
@@ -235,18 +245,18 @@ def run_hfbridge(args, system: System) -> dict:
             rec.start = rec.now()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if (batch_idx + 1) % args.accumulate == 0:
+            if (batch_idx + 1) % accumulate == 0:
                 rec.step_end.append(rec.now())
                 rec.losses.append(float(trainer.callback_metrics["train_loss"]))
 
     trainer = pl.Trainer(
-        max_steps=args.steps, accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0, logger=False,
+        max_steps=steps, accumulate_grad_batches=accumulate, gradient_clip_val=1.0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()],
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="32-true",
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, train_dataloaders=StepTokenCounter(batches, args.accumulate))
-    return {**rec.result(args), "heldout_loss": heldout_loss(module.model, args, tokenizer)}
+    trainer.fit(module, train_dataloaders=StepTokenCounter(batches, accumulate))
+    return rec
 
 
 def _hf_rows(args, tokenizer):
