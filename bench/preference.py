@@ -216,16 +216,6 @@ RUNNERS = {"hfbridge": run_hfbridge, "trl": run_trl}
 
 
 # ----------------------------------------------------------------------------------------------------- report
-def child(args) -> None:
-    import torch
-
-    system = SYSTEMS[args.runner]
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    result = RUNNERS[system.kind](args, system)
-    result["threads"] = torch.get_num_threads()
-    print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_child(name: str, args) -> dict:
@@ -305,7 +295,7 @@ def main() -> None:
     if not 0 <= args.warmup < args.steps:
         sys.exit("--warmup must be at least 0 and below --steps")
     if args.runner:
-        child(args)
+        speed.child(args, SYSTEMS, RUNNERS)
         return
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in SYSTEMS]

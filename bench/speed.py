@@ -401,14 +401,16 @@ def model_flops_per_token(args) -> float | None:
     return 6 * (layers * per_layer + vocab * h) + 12 * layers * h * mean_len
 
 
-def child(args) -> None:
+def child(args, systems: dict | None = None, runners: dict | None = None) -> None:
+    """Run one system (``args.runner``) in this process and print its result; ``systems`` and ``runners``
+    default to this script's (bench/preference.py passes its own)."""
     import torch
 
-    system = SYSTEMS[args.runner]
+    system = (systems or SYSTEMS)[args.runner]
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = RUNNERS[system.kind](args, system)
+    result = (runners or RUNNERS)[system.kind](args, system)
     result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -1,7 +1,6 @@
 """The GPU benchmark's dry run (bench/gpu.sh --dry-run): the same code as the GPU run, end to end on CPU with a
 tiny model, every system in its own process; and its checks of bad input."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,17 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_loader import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench" / "gpu_bench.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_bench")
 
 
 def _run(*args, timeout=600, **env_extra):

@@ -1,7 +1,6 @@
 """bench/mfu.py: its model FLOP count against torch's own FLOP counter on a real forward and backward, by hand,
 and its --quick path end to end on a tiny model."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_loader import load_bench
 from torch.utils.flop_counter import FlopCounterMode
 
 from hfbridge import HFAutoModelForCausalLM
@@ -21,11 +21,7 @@ BENCH = ROOT / "bench" / "mfu.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_mfu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("mfu")
 
 
 def _counted_step(module, length: int, trained: int) -> float:

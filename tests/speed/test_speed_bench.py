@@ -1,19 +1,11 @@
 """The benchmark feeds every system the same targets: what Trainer and TRL get (the model shifts) must be
 hfbridge's already-shifted labels."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "speed.py"
+from bench_loader import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("speed")
 
 
 def test_baselines_get_the_same_targets_as_hfbridge(tiny_tokenizer):

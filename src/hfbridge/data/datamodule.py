@@ -239,6 +239,10 @@ class CausalLMDataModule(pl.LightningDataModule):
         module = getattr(trainer, "lightning_module", None) if trainer is not None else None
         return getattr(module, "model", None)
 
+    def _packing_check(self, model) -> tuple[bool, str]:
+        """``(ok, reason)``: whether ``model`` keeps packed samples apart (run once, before the first batch)."""
+        return packing_is_exact(model)
+
     def use_packing(self) -> bool:
         """Whether batches are packed: ``packing`` resolved against the model being fitted (decided once)."""
         if self._packing_decision is not None:
@@ -251,11 +255,13 @@ class CausalLMDataModule(pl.LightningDataModule):
         elif self.packing is False:
             decided = False
         else:
-            ok, reason = packing_is_exact(model)
+            ok, reason = self._packing_check(model)
             if not ok and self.packing is True:
                 raise ValueError(f"packing=True, but this model cannot be packed exactly: {reason}")
             decided = ok
-            log.info("packing: %s (%s)", "on" if ok else "off, batches are padded", reason)
+            # in the logger of the data module's own module (image-text: hfbridge.data.image_text)
+            logging.getLogger(type(self).__module__).info("packing: %s (%s)", "on" if ok else "off, batches are padded",
+                                                          reason)
             if ok and uses_flash_attention(model):
                 self.packed_collator.one_row = True  # variable-length flash attention takes the batch as one row
         self._packing_decision = decided

@@ -50,7 +50,7 @@ from hfbridge.data.formats import (
     shift_for_causal_lm,
     tokens_in_spans,
 )
-from hfbridge.data.packing import best_fit_decreasing, uses_flash_attention
+from hfbridge.data.packing import best_fit_decreasing
 from hfbridge.data.sources import DataSourceError
 from hfbridge.losses import IGNORE_INDEX
 
@@ -750,7 +750,6 @@ class ImageTextDataModule(CausalLMDataModule):
         self.collator = ImageTextCollator(processor, self.skipped_ids)
         self.packed_collator = ImageTextPackedCollator(processor, self.skipped_ids, self.pad_token_id,
                                                        pack_length or max_length)
-        self.packing_reason: str | None = None
 
     def _load_records(self, data: DataArg, data_format: str) -> tuple[list[ImageTextRecord], str]:
         return load_image_text_records(data), "messages"
@@ -781,29 +780,13 @@ class ImageTextDataModule(CausalLMDataModule):
         self.setup("fit")
         return self.train_samples[: min(max(self.batch_size, 2), 4)]
 
-    def use_packing(self) -> bool:
-        """Whether batches are packed: ``packing`` resolved against the model being fitted (decided once, by
-        :func:`image_text_packing_is_exact` on :meth:`packing_probe`)."""
-        if self._packing_decision is not None:
-            return self._packing_decision
-        trainer = getattr(self, "trainer", None)
-        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        model = getattr(module, "model", None)
-        if model is None or self.packing is False:
-            return super().use_packing()
-        forward = getattr(module, "forward", None)
-        ok, reason = image_text_packing_is_exact(
+    def _packing_check(self, model) -> tuple[bool, str]:
+        """:func:`image_text_packing_is_exact` on :meth:`packing_probe`, through the module's forward."""
+        forward = getattr(self.trainer.lightning_module, "forward", None)
+        return image_text_packing_is_exact(
             model, self.packing_probe(), self.collator, self.packed_collator,
             forward=(lambda batch: forward(batch).logits) if forward is not None else None,
         )
-        if not ok and self.packing is True:
-            raise ValueError(f"packing=True, but this model cannot be packed exactly: {reason}")
-        log.info("packing: %s (%s)", "on" if ok else "off, batches are padded", reason)
-        if ok and uses_flash_attention(model):
-            self.packed_collator.one_row = True  # variable-length flash attention takes the batch as one row
-        self.packing_reason = reason
-        self._packing_decision = ok
-        return ok
 
 
 __all__ = [

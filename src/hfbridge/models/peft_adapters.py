@@ -144,6 +144,19 @@ def fuse_lora_updates(model) -> int:
     return count
 
 
+_PEFT_FORWARD = None
+
+
+def _peft_lora_forward():
+    """peft's LoRA ``Linear.forward`` (the fused forward's fallback), looked up once: peft is imported lazily."""
+    global _PEFT_FORWARD
+    if _PEFT_FORWARD is None:
+        from peft.tuners.lora import Linear as LoraLinear
+
+        _PEFT_FORWARD = LoraLinear.forward
+    return _PEFT_FORWARD
+
+
 def _plain(t) -> bool:
     """A tensor that is neither a DTensor nor another tensor subclass (those keep peft's forward)."""
     import torch
@@ -153,16 +166,16 @@ def _plain(t) -> bool:
 
 def _fused_lora_forward(self, x, *args, **kwargs):
     import torch
-    from peft.tuners.lora import Linear as LoraLinear
 
+    peft_forward = _peft_lora_forward()
     active = self.active_adapters
     name = active[0] if len(active) == 1 else None
     if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
             or name in self.lora_variant):
-        return LoraLinear.forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     if lora_b.bias is not None or not (_plain(x) and _plain(lora_a.weight) and _plain(lora_b.weight)):
-        return LoraLinear.forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     down = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
     if not _plain(result) or result.dtype != down.dtype:  # e.g. a 4-bit base computing in another dtype: peft's sum

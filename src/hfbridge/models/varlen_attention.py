@@ -49,8 +49,26 @@ def _mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs)
     return sdpa_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)
 
 
-def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """``[(start, end), ...]`` of each row: a new sample starts wherever the position does not follow the last."""
+_LAST: list = [None, None]  # ((position_ids, key), segments): every layer of a forward gets the same tensor
+
+
+def segments(position_ids: torch.Tensor, batch: int | None = None,
+             length: int | None = None) -> list[list[tuple[int, int]]]:
+    """``[(start, end), ...]`` of each of ``batch`` rows (``position_ids`` broadcast to it) over their last
+    ``length`` positions: a new sample starts wherever the position does not follow the last. Found once per
+    forward: the layers after the first get the same ``position_ids`` tensor, unchanged."""
+    key = (position_ids._version, batch, length)
+    cached = _LAST[0]
+    if cached is not None and cached[0] is position_ids and cached[1] == key:
+        return _LAST[1]
+    if batch is not None and position_ids.shape[0] != batch:
+        position_ids = position_ids.expand(batch, -1)
+    out = _segments(position_ids if length is None else position_ids[:, -length:])
+    _LAST[:] = [(position_ids, key), out]
+    return out
+
+
+def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     rows = position_ids.tolist()
     out = []
     for row in rows:
@@ -70,9 +88,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     batch = query.shape[0]
-    if position_ids.shape[0] != batch:
-        position_ids = position_ids.expand(batch, -1)
-    rows = segments(position_ids[:, -length:])
+    rows = segments(position_ids, batch, length)
     if all(len(row) == 1 for row in rows):  # no row is packed: one causal call
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
