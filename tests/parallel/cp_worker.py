@@ -58,17 +58,26 @@ def full_weights(model) -> dict[str, torch.Tensor]:
 
 
 def main(out: Path, *jobs: str) -> None:
-    from hfbridge.parallel import ParallelConfig
+    from hfbridge.parallel import ParallelConfig, context
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    blockwise = context.causal_blocks_attention
+    calls = []
+
+    def counted(*args, **kwargs):  # which attention path the split rows took
+        calls.append(1)
+        return blockwise(*args, **kwargs)
+
+    context.causal_blocks_attention = counted
     for job in jobs:
+        calls.clear()
         model_dir, dims, flags = (job.split("|") + [""])[:3]
         config = ParallelConfig(sharding_axis_dims=tuple(int(d) for d in dims.split(",")))
         recorder, module = fit_cp(model_dir, config, world, packed="packed" in flags, ac="ac" in flags)
         weights = full_weights(module.model)
         if rank == 0:
             torch.save({"losses": recorder.losses, "logged": recorder.logged, "grads": recorder.grads,
-                        "weights": weights}, out / f"cp-{tag(job)}.pt")
+                        "weights": weights, "blockwise_calls": len(calls)}, out / f"cp-{tag(job)}.pt")
         torch.distributed.barrier()
 
 

@@ -16,6 +16,7 @@ from hfbridge.parallel.context import (
     check_model,
     chunk_indices,
     key_order,
+    layout_mask,
     shard_batch,
 )
 from hfbridge.parallel.mesh import MESH_ORDER
@@ -80,8 +81,18 @@ def test_the_split_keeps_the_rows_and_transformers_mask(kind):
         assert part["num_label_tokens"] == 7
         for key in ("input_ids", "labels", "position_ids"):
             assert torch.equal(part[key], padded[key][:, local]), key
-        assert part["attention_mask"].shape[-2:] == (6, 12)
-        assert torch.equal(part["attention_mask"].expand(rows, 1, 6, 12), expected[:, :, local][:, :, :, keys])
+        mask = part["attention_mask"]
+        assert mask.shape[-2:] == (6, 12)
+        want = expected[:, :, local][:, :, :, keys]
+        layout = getattr(mask, "_hfbridge_cp_layout", None)
+        if layout is None:
+            assert kind == "packed"  # several samples in a row: the dense mask
+            assert torch.equal(mask.expand(rows, 1, 6, 12), want)
+        else:  # plain causal rows (none or right padding): a marker for the blockwise kernel, no mask
+            assert kind in ("plain", "padded") and layout == (12, cp, rank)
+            real = padded.get("attention_mask", torch.ones(rows, 12, dtype=torch.long))[:, local].bool()
+            stands_for = layout_mask(*layout, rows, "cpu")
+            assert torch.equal(stands_for[:, 0][real], want[:, 0][real])  # the same keys for every real query
     assert (padded["labels"][:, -2:] == -100).all()
 
 
@@ -147,12 +158,19 @@ def test_cp_alone_and_with_fsdp_and_tp_equal_one_process(cp_runs, cp_references)
         ref_losses, ref_grads, ref_weights = cp_references["packed" in job]
         result = torch.load(out / f"cp-{tag(job)}.pt")
         assert len(result["losses"]) == len(ref_losses) == 3, name
+        # padded rows (right padding) take the blockwise kernel without a mask; packed rows the dense mask
+        assert (result["blockwise_calls"] > 0) == ("packed" not in job), (name, result["blockwise_calls"])
         assert result["losses"] == pytest.approx(ref_losses, abs=ATOL), name
         assert result["grads"].keys() == ref_grads.keys(), name
         for param, grad in ref_grads.items():
             assert torch.allclose(result["grads"][param], grad, atol=ATOL, rtol=0), (name, param)
         for param, weight in ref_weights.items():
             assert torch.allclose(result["weights"][param], weight, atol=WEIGHT_ATOL, rtol=0), (name, param)
+        diffs = [max(abs(a - b) for a, b in zip(result["losses"], ref_losses)),
+                 max(float((result["grads"][k] - g).abs().max()) for k, g in ref_grads.items()),
+                 max(float((result["weights"][k] - w).abs().max()) for k, w in ref_weights.items())]
+        print(f"{name}: max loss diff {diffs[0]:.1e}, gradient diff (step 1) {diffs[1]:.1e}, weight diff after "
+              f"3 steps {diffs[2]:.1e}, blockwise attention calls {result['blockwise_calls']}")
 
 
 def test_the_cp_test_can_fail(cp_references, tiny_model_dir):

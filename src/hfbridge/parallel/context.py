@@ -3,8 +3,15 @@
 Each ``cp`` rank keeps ``1/cp`` of the tokens of every row, so the activations of a long sequence (the residual
 stream, MLP intermediates, attention outputs, logits) are spread over the ranks. Attention stays exact: each layer
 all-gathers the keys and values of the whole sequence over the ``cp`` ranks (one collective per layer, its
-backward a reduce-scatter), and the local queries attend to them under a mask built once per micro-batch from the
-global token positions (causal; per sample for packed rows; padded keys masked, as transformers masks them).
+backward a reduce-scatter), and the local queries attend to them:
+
+* rows holding one sequence each (no padding, or padding at the end only), the long-context case: block by block,
+  with no mask at all (:func:`causal_blocks_attention`): each local query chunk runs the CPU flash-attention kernel
+  on the keys before it and, causally, on its own keys, and the two are merged by their log-sum-exp; memory grows
+  as ``S/cp`` plus the gathered ``S`` keys and values, never ``S^2``;
+* packed rows (several samples) and left-padded rows, and any device other than the CPU: under a dense mask built
+  once per micro-batch from the global token positions (causal; per sample for packed rows; padded keys masked, as
+  transformers masks them).
 
 Load balance for causal attention: the row (padded at the end to a multiple of ``2 * cp``, with untrained tokens)
 is cut into ``2 * cp`` chunks and rank ``r`` takes chunks ``r`` and ``2*cp - 1 - r`` (the "head-tail" layout of
@@ -114,20 +121,52 @@ def shard_batch(batch: Mapping[str, Any], cp: int, rank: int) -> dict:
         length += pad
     device = ids.device
     local = chunk_indices(length, cp, rank).to(device)
-    keys = key_order(length, cp).to(device)
+    if _plain_causal(mask2d, batch.get("position_ids"), out["position_ids"]):
+        allowed = blockwise_marker(rows, length, cp, rank, device)
+    else:
+        allowed = _dense_allowed(out, mask2d, batch.get("position_ids") is not None, local, length, cp)
+    for key, value in out.items():
+        if key != "attention_mask" and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length:
+            out[key] = value[:, local]
+    out["attention_mask"] = allowed
+    return out
+
+
+def _plain_causal(mask2d: torch.Tensor | None, given_positions: torch.Tensor | None, positions: torch.Tensor) -> bool:
+    """Whether plain causal attention over the row is exact for every trained token: no padding mask or a
+    right-padded one (a real query never reaches a later padded key), and one sample per row."""
+    if mask2d is not None:
+        return bool((mask2d[:, 1:] <= mask2d[:, :-1]).all())
+    if given_positions is not None:
+        return bool((sample_ids(positions) == 0).all())
+    return True
+
+
+def blockwise_marker(rows: int, length: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """The ``attention_mask`` of a plain causal split row: a ``[rows, 1, S/cp, S]`` view of one element (no memory)
+    that carries the layout, so that :func:`context_attention` computes causal attention block by block
+    (:func:`causal_blocks_attention`) and never builds the ``S/cp x S`` mask."""
+    marker = torch.ones((), dtype=torch.bool, device=device).expand(rows, 1, length // cp, length)
+    marker._hfbridge_cp_layout = (length, cp, rank)
+    return marker
+
+
+def _layout(mask: torch.Tensor | None) -> tuple[int, int, int] | None:
+    return getattr(mask, "_hfbridge_cp_layout", None)
+
+
+def _dense_allowed(out: dict, mask2d, packed: bool, local: torch.Tensor, length: int, cp: int) -> torch.Tensor:
+    """The boolean ``[B or 1, 1, S/cp, S]`` mask of which all-gathered keys each local query attends to."""
+    keys = key_order(length, cp).to(local.device)
     allowed = keys[None, :] <= local[:, None]  # causal, in global positions: [S/cp, S]
     if mask2d is not None:  # a padding mask: padded keys are never attended (transformers' sdpa mask)
         allowed = allowed[None] & out["attention_mask"].bool()[:, keys][:, None, :]
-    elif batch.get("position_ids") is not None:  # packed rows (restarting positions): attention stays inside each sample
+    elif packed:  # packed rows (restarting positions): attention stays inside each sample
         sample = sample_ids(out["position_ids"])
         allowed = allowed[None] & (sample[:, local][:, :, None] == sample[:, keys][:, None, :])
     else:
         allowed = allowed[None]
-    for key, value in out.items():
-        if key != "attention_mask" and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length:
-            out[key] = value[:, local]
-    out["attention_mask"] = allowed[:, None]
-    return out
+    return allowed[:, None]
 
 
 # ------------------------------------------------------------------------------------------- collectives
@@ -212,9 +251,78 @@ def context_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         else:
             key = _GatherSequence.apply(key, context.group, context.size, context.rank)
             value = _GatherSequence.apply(value, context.group, context.size, context.rank)
+        layout = _layout(attention_mask)
+        if layout is not None:
+            dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+            if query.device.type == "cpu" and not dropout and kwargs.get("softcap") is None:
+                scaling = kwargs.get("scaling")
+                out = causal_blocks_attention(query, key, value, *layout, scaling)
+                return out.transpose(1, 2).contiguous(), None
+            attention_mask = layout_mask(*layout, attention_mask.shape[0], query.device)
         if attention_mask.dtype == torch.bool:
             attention_mask = _additive_mask(attention_mask, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def layout_mask(length: int, cp: int, rank: int, rows: int, device) -> torch.Tensor:
+    """The dense boolean mask a :func:`blockwise_marker` stands for (where the blockwise kernel cannot run)."""
+    local = chunk_indices(length, cp, rank).to(device)
+    allowed = key_order(length, cp).to(device)[None, :] <= local[:, None]
+    return allowed.expand(rows, 1, *allowed.shape)
+
+
+class _CausalBlock(torch.autograd.Function):
+    """Queries of one chunk attending to all keys before the chunk (no mask) and causally to the chunk's own keys:
+    two calls of the CPU flash-attention kernel, merged by their log-sum-exp (as ring attention merges blocks).
+    Backward runs the kernel's backward on each block with the merged output and log-sum-exp, which gives each
+    block's exact share of the gradients."""
+
+    @staticmethod
+    def forward(ctx, query, key_before, value_before, key_own, value_own, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = flash(query, key_own, value_own, 0.0, True, scale=scale)
+        if key_before.shape[-2]:
+            out_before, lse_before = flash(query, key_before, value_before, 0.0, False, scale=scale)
+            total = torch.logaddexp(lse, lse_before)
+            out = (out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype)
+                   + out_before * torch.exp(lse_before - total).unsqueeze(-1).to(out.dtype))
+            lse = total
+        ctx.scale = scale
+        ctx.save_for_backward(query, key_before, value_before, key_own, value_own, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key_before, value_before, key_own, value_own, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad = grad.contiguous()
+        grad_query, grad_key, grad_value = backward(grad, query, key_own, value_own, out, lse, 0.0, True,
+                                                    scale=ctx.scale)
+        grad_key_before, grad_value_before = torch.zeros_like(key_before), torch.zeros_like(value_before)
+        if key_before.shape[-2]:
+            more, grad_key_before, grad_value_before = backward(grad, query, key_before, value_before, out, lse,
+                                                                0.0, False, scale=ctx.scale)
+            grad_query = grad_query + more
+        return grad_query, grad_key_before, grad_value_before, grad_key, grad_value, None
+
+
+def causal_blocks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: int, cp: int,
+                            rank: int, scaling: float | None = None) -> torch.Tensor:
+    """Causal attention of this rank's queries (``[B, H, S/cp, D]``: chunks ``rank`` and ``2*cp-1-rank`` of the row,
+    see :func:`chunk_indices`) over the all-gathered keys and values (``[B, H_kv, S, D]`` in :func:`key_order`),
+    without an ``S/cp x S`` mask: per query chunk, the kernel runs on the keys before it and, causally, on its own.
+    Returns ``[B, H, S/cp, D]``."""
+    size = length // (2 * cp)
+    order = torch.argsort(key_order(length, cp)).to(key.device)  # gathered -> global order
+    key, value = key.index_select(-2, order), value.index_select(-2, order)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    outs = []
+    for part, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+        begin, end = chunk * size, (chunk + 1) * size
+        q = query[:, :, part * size : (part + 1) * size]
+        outs.append(_CausalBlock.apply(q, key[:, :, :begin], value[:, :, :begin], key[:, :, begin:end],
+                                       value[:, :, begin:end], scale))
+    return torch.cat(outs, dim=2)
 
 
 def register_attention() -> None:

@@ -2,7 +2,9 @@
 
 * :func:`gather_plain_model`: every rank takes part in gathering the full weights; rank 0 gets an ordinary
   (unsharded) copy of the model, which ``HFAutoModelForCausalLM.save_pretrained`` then saves as usual (adapter
-  alone, merged, or the full model).
+  alone, merged, or the full model). A 4-bit (QLoRA) model is rebuilt as it was trained: rank 0 loads the packed
+  4-bit model whole, as every rank did, applies the same transform and takes only the gathered trainable weights
+  (the adapter); the 4-bit base is never cast or dequantized.
 * :func:`export_hf`: one process, no process group: a ``step-N`` checkpoint (sharded over fsdp, tp, both, any
   number of ranks) into a safetensors folder plain transformers loads.
 """
@@ -17,8 +19,9 @@ import torch
 from torch import nn
 
 from hfbridge.models import loading
+from hfbridge.models.peft_adapters import is_quantized
 from hfbridge.parallel import checkpoint as ckpt
-from hfbridge.parallel.materialize import skeleton
+from hfbridge.parallel.materialize import load_quantized, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +29,15 @@ STATE_PREFIX = "state_dict."  # the DCP key of the model state in a checkpoint
 
 
 def _plain_skeleton(module) -> nn.Module:
-    """An unsharded meta-device model with the same structure (and transform) as ``module.model``."""
+    """An unsharded meta-device model with the same structure (and transform) as ``module.model``; for a 4-bit
+    model, the 4-bit model itself (loaded whole, on this rank's device), transformed."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     source = getattr(module.model, "_hfbridge_weight_source", None)
     with torch.random.fork_rng():  # building a skeleton must not move the training's random state
         if source is not None:
-            model = skeleton(source)
+            model = load_quantized(source) if source.load_in_4bit else skeleton(source)
             if source.transform is not None:
                 result = source.transform(model)
                 model = model if result is None else result
@@ -51,18 +55,55 @@ def _plain_skeleton(module) -> nn.Module:
 
 
 def gather_plain_model(module) -> nn.Module | None:
-    """The full, unsharded model on rank 0 (``None`` on the other ranks). Collective: every rank calls it."""
+    """The full, unsharded model on rank 0 (``None`` on the other ranks). Collective: every rank calls it.
+
+    A 4-bit model gathers its trainable weights alone (its packed base is whole on every rank already) into a
+    4-bit model rank 0 loads afresh (:func:`_load_trainable`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    quantized = is_quantized(module.model)
+    if quantized and not getattr(getattr(module.model, "_hfbridge_weight_source", None), "load_in_4bit", False):
+        raise NotImplementedError(
+            f"saving a sharded quantized {type(module.model).__name__} is supported for 4-bit models hfbridge "
+            "loaded itself (HFAutoModelForCausalLM(load_in_4bit=True, ...) given by name), not for one given as a "
+            "module or loaded in 8-bit"
+        )
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=quantized)
+    full = get_model_state_dict(module.model, options=options)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
     model = _plain_skeleton(module)
-    model.load_state_dict(full, assign=True)
+    if quantized:
+        trained = [name for name, p in module.model.named_parameters() if p.requires_grad]
+        _load_trainable(model, {name: full[name] for name in trained if name in full}, trained)
+    else:
+        model.load_state_dict(full, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
     return model
+
+
+def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor], trained: list[str]) -> None:
+    """Copy the gathered trainable weights ``state`` (of the sharded model's ``trained`` parameters) into the same
+    parameters of ``model``, which must have exactly those trainable parameters, of the same shapes."""
+    params = dict(model.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    problems = []
+    if missing := [name for name in trained if name not in state]:
+        problems.append(f"the gather returned no weight for {missing[:5]}")
+    if extra := sorted(set(trained) - trainable):
+        problems.append(f"the rebuilt model has no trainable parameter {extra[:5]}")
+    if untrained := sorted(trainable - set(trained)):
+        problems.append(f"the rebuilt model's parameters {untrained[:5]} were not trained")
+    problems += [f"{name}: shape {tuple(value.shape)} gathered, {tuple(params[name].shape)} rebuilt"
+                 for name, value in state.items() if name in params and value.shape != params[name].shape][:5]
+    if problems:
+        raise RuntimeError("cannot rebuild the trained 4-bit model on rank 0 (the same 4-bit model and transform "
+                           "as on every rank): " + "; ".join(problems))
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def export_hf(checkpoint: str | os.PathLike, model_source: str | os.PathLike, output: str | os.PathLike,

@@ -45,6 +45,7 @@ class WeightSource:
     transform: Callable | None = None
     auto_class: Any = None
     rng_state: torch.Tensor | None = None  # the random state when the skeleton was built (the transform draws from it)
+    load_in_4bit: bool = False  # bitsandbytes NF4: the model is loaded whole, quantized (:func:`load_quantized`)
 
 
 def skeleton_for(module, auto_class=None, model_name=None) -> nn.Module:
@@ -72,18 +73,30 @@ def quantized_replica(module, model_name, auto_class=None) -> nn.Module:
     draw it (:func:`hfbridge.parallel.parallelize.apply_fsdp` also broadcasts the trainable weights from rank 0)."""
     if not module.load_pretrained_weights:
         raise UnsupportedParallelismError("load_in_4bit needs pretrained weights (load_pretrained_weights=True)")
-    device = "cpu"
-    if torch.cuda.is_available():
-        device = f"cuda:{torch.cuda.current_device()}"
-    model = loading.load_pretrained_model(
-        model_name, auto_class=auto_class, dtype=module.default_dtype, attn_implementation=module.attn_implementation,
-        load_in_4bit=True, trust_remote_code=module.trust_remote_code, device_map={"": device},
+    source = WeightSource(
+        path=loading.resolve_model_path(model_name, module.trust_remote_code), load_pretrained_weights=True,
+        dtype=loading.resolve_dtype(module.default_dtype), attn_implementation=module.attn_implementation,
+        trust_remote_code=module.trust_remote_code, transform=module.model_transform, auto_class=auto_class,
+        load_in_4bit=True,
     )
+    model = load_quantized(source)
+    model._hfbridge_weight_source = source  # how the gathered copy is rebuilt (hfbridge.parallel.export)
     if torch.distributed.is_initialized():
         state = [torch.get_rng_state()]
         torch.distributed.broadcast_object_list(state, src=0)
         torch.set_rng_state(state[0])
     return model
+
+
+def load_quantized(source: WeightSource) -> nn.Module:
+    """The 4-bit model of ``source``, whole, on this rank's device (no collective: one rank may call it alone)."""
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    return loading.load_pretrained_model(
+        source.path, auto_class=source.auto_class, dtype=source.dtype, attn_implementation=source.attn_implementation,
+        load_in_4bit=True, trust_remote_code=source.trust_remote_code, device_map={"": device},
+    )
 
 
 def skeleton(source: WeightSource) -> nn.Module:

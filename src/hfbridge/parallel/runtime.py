@@ -79,11 +79,7 @@ def start(cfg) -> Job | None:
     if cp > 1:  # context parallelism: what it can split, checked before anything is loaded
         check_context_run(cfg, cp)
     if cfg.quantization.load_in_4bit and world > 1:
-        raise ValueError("--load-in-4bit with several processes is not supported by hfbridge finetune: QLoRA "
-                         "trains over fsdp/dp (HFAutoModelForCausalLM(load_in_4bit=True, model_transform=LoRA(...)) "
-                         "with MeshParallelStrategy, see docs/distributed.md), but the job scores and saves one "
-                         "gathered copy of the model, which is not rebuilt from 4-bit weights yet; run QLoRA with "
-                         "one process here")
+        check_quantized_run(cfg, config.axis_sizes(world))
     if not torch.distributed.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
@@ -115,6 +111,29 @@ def check_context_run(cfg, cp: int) -> None:
             f"text-generation), not {cfg.method.name!r} on {cfg.method.task!r}; use cp=1"
         )
     check_attention(cfg.model.attn_implementation, cp)
+
+
+def check_quantized_run(cfg, sizes: dict[str, int]) -> None:
+    """QLoRA on several processes: text fine-tuning (sft) over fsdp/dp, checked before anything is loaded (the
+    4-bit base is replicated on every rank, the adapter sharded; see docs/distributed.md)."""
+    from hfbridge.parallel.parallelize import UnsupportedParallelismError
+
+    if cfg.method.task != "text-generation" or cfg.method.name != "sft":
+        raise UnsupportedParallelismError(
+            f"--load-in-4bit with several processes trains text fine-tuning (method sft, task text-generation), "
+            f"not {cfg.method.name!r} on {cfg.method.task!r}; run it with one process"
+        )
+    if sizes["tp"] * sizes["sp"] > 1:
+        raise UnsupportedParallelismError(
+            f"--load-in-4bit with tensor/sequence parallelism (tp={sizes['tp']}, sp={sizes['sp']}) is not "
+            "supported: bitsandbytes packs each 4-bit weight into a flat byte buffer with per-block scales, which "
+            "cannot be split into rows or columns. QLoRA trains over fsdp/dp, e.g. --sharding-axis-dims 1,-1,1,1"
+        )
+    if sizes["cp"] > 1:
+        raise UnsupportedParallelismError(
+            f"--load-in-4bit with context parallelism (cp={sizes['cp']}) is not supported: QLoRA trains over "
+            "fsdp/dp, e.g. --sharding-axis-dims 1,-1,1,1"
+        )
 
 
 def _free_port() -> int:

@@ -203,8 +203,8 @@ class Task:
         return ()
 
     def saved_message(self, cfg: RunConfig, output: Path) -> str:
-        return (f"saved to {output}/ (model/, {'adapter/, ' if cfg.lora else ''}metrics.csv, loss_curve.png, "
-                "summary.json, config.yaml)")
+        folders = ("adapter/, " if cfg.quantization.load_in_4bit else "model/, adapter/, ") if cfg.lora else "model/, "
+        return f"saved to {output}/ ({folders}metrics.csv, loss_curve.png, summary.json, config.yaml)"
 
 
 def _adapter(cfg: RunConfig):
