@@ -136,7 +136,7 @@ def cp_runs(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("cp")
     m = str(tiny_model_dir)
     two = {"cp=2, padded batches": f"{m}|1,1,1,1,2|", "cp=2, packed batches, activation checkpointing":
-           f"{m}|1,1,1,1,2|packed ac"}
+           f"{m}|1,1,1,1,2|packed ac", "cp=2, padded batches, activation checkpointing": f"{m}|1,1,1,1,2|ac"}
     four = {"cp=2 x fsdp=2": f"{m}|1,2,1,1,2|", "cp=2 x tp=2": f"{m}|1,1,2,1,2|"}
     torchrun(2, out, *two.values())
     torchrun(4, out, *four.values())
