@@ -65,3 +65,16 @@ def test_the_callers_tokenizer_is_not_changed(tiny_model_dir):
 
     generate_ids(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, ["a", "c d"], max_new_tokens=2)
     assert tokenizer.pad_token is None
+
+
+def test_the_summary_names_the_demo_data_where_it_is_after_the_run(tiny_model_dir, tmp_path):
+    """The demo data is written into the run's temporary folder, which becomes the output: summary.json names the
+    files in the output folder, not in the temporary one that no longer exists."""
+    out = tmp_path / "run"
+    _run("--model", str(tiny_model_dir), "--output", str(out), "--demo-train-size", "8", "--eval-samples", "2",
+         "--batch-size", "4", "--max-steps", "1", "--max-new-tokens", "2", "--full")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"] == {"train": str(out / "data" / "train.jsonl"), "test": str(out / "data" / "test.jsonl")}
+    assert [s["path"] for s in summary["data_mixture"]["sources"]] == [str(out / "data" / "train.jsonl")]
+    assert (out / "data" / "train.jsonl").is_file() and (out / "data" / "test.jsonl").is_file()
+    assert not list(tmp_path.glob(".run.tmp-*"))

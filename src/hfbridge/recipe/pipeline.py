@@ -103,6 +103,21 @@ def run_identity(cfg: RunConfig, data, data_parallel: int) -> dict:
             "global_batch": cfg.train.batch_size * data_parallel, "accumulate": cfg.train.accumulate}
 
 
+def _final_paths(value, work: Path, output: Path):
+    """``value`` (paths in nested dicts and lists) with every path inside the run's temporary folder ``work`` (the
+    demo data written there) named where it will be once the folder is renamed to ``output``."""
+    if isinstance(value, dict):
+        return {k: _final_paths(v, work, output) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_final_paths(v, work, output) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        try:
+            return str(Path(output) / Path(value).relative_to(work))
+        except ValueError:
+            return value
+    return value
+
+
 def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
     """Run ``cfg`` (see the module docstring); returns what was scored and saved."""
     import lightning.pytorch as pl
@@ -178,7 +193,8 @@ def run(cfg: RunConfig, task: Task | None = None) -> RunResult:
         if model is not None:
             summary = {
                 **task.summary(cfg), "config": cfg.to_dict(), "model_path": str(model_path), "format": data.format,
-                "data": data.paths, "data_mixture": getattr(task, "data_mixture", None),
+                "data": _final_paths(data.paths, work, output),
+                "data_mixture": _final_paths(getattr(task, "data_mixture", None), work, output),
                 "exact_match_before": before, "exact_match_after": after,
                 "harness_before": harness_before, "harness_after": harness_after,
                 "optimizer_steps": steps, "train_seconds": round(train_seconds, 1), "samples": samples,
