@@ -1,29 +1,29 @@
-"""The blockwise causal attention of context parallelism (no mask) against one process's causal sdpa: each cp
-rank's output and gradients, for query/key heads equal and grouped, any cp, rows padded or not."""
+"""The blockwise causal attention of context parallelism (no mask) against one process's attention: each cp rank's
+output and gradients, for query/key heads equal and grouped, any cp, rows of one sequence and packed rows."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hfbridge.parallel.context import (
-    _plain_causal,
-    blockwise_marker,
     causal_blocks_attention,
     chunk_indices,
     key_order,
+    sample_ids,
+    sample_segments,
     shard_batch,
 )
 
 
-@pytest.mark.parametrize("cp,heads,kv_heads,length", [(2, 4, 4, 16), (2, 4, 2, 24), (3, 6, 2, 36), (1, 2, 1, 8)])
-def test_each_rank_equals_its_rows_of_one_process_causal_attention(cp, heads, kv_heads, length):
-    torch.manual_seed(0)
-    q = torch.randn(2, heads, length, 8, dtype=torch.float64)
-    k = torch.randn(2, kv_heads, length, 8, dtype=torch.float64)
-    v = torch.randn(2, kv_heads, length, 8, dtype=torch.float64)
-    grad = torch.randn(2, heads, length, 8, dtype=torch.float64)
+def _check_ranks(q, k, v, cp, reference_mask=None, positions=None):
+    """Every rank's outputs and gradients against sdpa of the whole rows (causal, or under ``reference_mask``)."""
+    length = q.shape[2]
+    grad = torch.randn_like(q)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+    if reference_mask is None:
+        ref = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+    else:
+        ref = F.scaled_dot_product_attention(*leaves, attn_mask=reference_mask, enable_gqa=True)
     ref.backward(grad)
     order = key_order(length, cp)
     gathered_k = k[:, :, order].clone().requires_grad_()
@@ -31,8 +31,9 @@ def test_each_rank_equals_its_rows_of_one_process_causal_attention(cp, heads, kv
     grad_q = torch.zeros_like(q)
     for rank in range(cp):
         local = chunk_indices(length, cp, rank)
+        segments = None if positions is None else sample_segments(positions, length, cp, rank)
         q_local = q[:, :, local].clone().requires_grad_()
-        out = causal_blocks_attention(q_local, gathered_k, gathered_v, length, cp, rank, scaling=None)
+        out = causal_blocks_attention(q_local, gathered_k, gathered_v, length, cp, rank, None, segments)
         torch.testing.assert_close(out, ref[:, :, local].detach(), rtol=1e-10, atol=1e-10)
         out.backward(grad[:, :, local])
         grad_q[:, :, local] = q_local.grad
@@ -43,23 +44,46 @@ def test_each_rank_equals_its_rows_of_one_process_causal_attention(cp, heads, kv
     torch.testing.assert_close(gathered_v.grad[:, :, inverse], leaves[2].grad, rtol=1e-10, atol=1e-10)
 
 
-def test_plain_rows_get_a_marker_and_masked_or_packed_rows_a_dense_mask():
+def _qkv(rows, heads, kv_heads, length):
+    torch.manual_seed(0)
+    return (torch.randn(rows, heads, length, 8, dtype=torch.float64),
+            torch.randn(rows, kv_heads, length, 8, dtype=torch.float64),
+            torch.randn(rows, kv_heads, length, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cp,heads,kv_heads,length", [(2, 4, 4, 16), (2, 4, 2, 24), (3, 6, 2, 36), (1, 2, 1, 8)])
+def test_each_rank_equals_its_rows_of_one_process_causal_attention(cp, heads, kv_heads, length):
+    _check_ranks(*_qkv(2, heads, kv_heads, length), cp)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_packed_rows_attend_inside_each_sample(cp):
+    """Samples that start and end anywhere in the chunks (one spanning three chunks, one of a single token), rows
+    packed differently: the same as sdpa under the per-sample causal mask."""
+    length = 24
+    lengths = [[9, 1, 7, 5, 2], [3, 21]]
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    sample = sample_ids(positions)
+    pos = torch.arange(length)
+    mask = (pos[None, :, None] >= pos[None, None, :]) & (sample[:, :, None] == sample[:, None, :])
+    _check_ranks(*_qkv(2, 4, 2, length), cp, reference_mask=mask[:, None], positions=positions)
+    assert sample_segments(torch.arange(length)[None], length, cp, 0) is None  # one sample: the whole-row kernel
+
+
+def test_the_marker_costs_one_element_and_stands_for_the_dense_mask():
     ids = torch.arange(10).reshape(1, 10)
-    plain = shard_batch({"input_ids": ids, "labels": ids}, 2, 1)
-    mask = plain["attention_mask"]
-    assert mask._hfbridge_cp_layout == (12, 2, 1) and mask.shape == (1, 1, 6, 12)
+    mask = shard_batch({"input_ids": ids, "labels": ids}, 2, 1)["attention_mask"]
+    assert mask._hfbridge_cp_blocks == (12, 2, 1, None) and mask.shape == (1, 1, 6, 12)
     assert mask.untyped_storage().nbytes() == 1  # one element, whatever the length
-    right_padded = torch.tensor([[1] * 7 + [0] * 3])
-    assert _plain_causal(right_padded, None, ids)
-    shard = shard_batch({"input_ids": ids, "attention_mask": right_padded}, 2, 0)
-    assert hasattr(shard["attention_mask"], "_hfbridge_cp_layout")
-    left_padded = torch.tensor([[0] * 3 + [1] * 7])
-    dense = shard_batch({"input_ids": ids, "attention_mask": left_padded}, 2, 0)["attention_mask"]
-    assert not hasattr(dense, "_hfbridge_cp_layout") and dense.shape == (1, 1, 6, 12)
-    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
-    dense = shard_batch({"input_ids": ids, "position_ids": packed}, 2, 0)["attention_mask"]
-    assert not hasattr(dense, "_hfbridge_cp_layout")
-    one_sample = torch.arange(10)[None]
-    assert hasattr(shard_batch({"input_ids": ids, "position_ids": one_sample}, 2, 0)["attention_mask"],
-                   "_hfbridge_cp_layout")
-    assert blockwise_marker(2, 8, 2, 0).shape == (2, 1, 4, 8)
+    local, keys = chunk_indices(12, 2, 1), key_order(12, 2)
+    assert torch.equal(mask._hfbridge_cp_dense()[0, 0], keys[None, :] <= local[:, None])
+    right_padded = shard_batch({"input_ids": ids, "attention_mask": torch.tensor([[1] * 7 + [0] * 3])}, 2, 0)
+    assert right_padded["attention_mask"]._hfbridge_cp_blocks[3] is None
+    left_padded = shard_batch({"input_ids": ids, "attention_mask": torch.tensor([[0] * 3 + [1] * 7])}, 2, 0)
+    assert not hasattr(left_padded["attention_mask"], "_hfbridge_cp_blocks")  # the dense mask
+    assert left_padded["attention_mask"].shape == (1, 1, 6, 12)
+    packed = shard_batch({"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])}, 2, 0)
+    # rank 0 holds global chunks 0 (tokens 0-2, sample 0) and 3 (tokens 9-11: sample 1, begun at 4, padded on)
+    assert packed["attention_mask"]._hfbridge_cp_blocks[3] == [[(0, 3, 0, 0, 3), (3, 6, 4, 9, 12)]]
+    one_sample = shard_batch({"input_ids": ids, "position_ids": torch.arange(10)[None]}, 2, 0)
+    assert one_sample["attention_mask"]._hfbridge_cp_blocks[3] is None

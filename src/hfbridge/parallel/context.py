@@ -5,13 +5,12 @@ stream, MLP intermediates, attention outputs, logits) are spread over the ranks.
 all-gathers the keys and values of the whole sequence over the ``cp`` ranks (one collective per layer, its
 backward a reduce-scatter), and the local queries attend to them:
 
-* rows holding one sequence each (no padding, or padding at the end only), the long-context case: block by block,
-  with no mask at all (:func:`causal_blocks_attention`): each local query chunk runs the CPU flash-attention kernel
-  on the keys before it and, causally, on its own keys, and the two are merged by their log-sum-exp; memory grows
-  as ``S/cp`` plus the gathered ``S`` keys and values, never ``S^2``;
-* packed rows (several samples) and left-padded rows, and any device other than the CPU: under a dense mask built
-  once per micro-batch from the global token positions (causal; per sample for packed rows; padded keys masked, as
-  transformers masks them).
+* on the CPU, rows with no padding or padding at the end only, packed or not: block by block, with no mask at
+  all (:func:`causal_blocks_attention`): each local query chunk (in packed rows, each piece of a sample in it) runs
+  the CPU flash-attention kernel on the keys before it (of its sample) and, causally, on its own keys, and the two
+  are merged by their log-sum-exp; memory grows as ``S/cp`` plus the gathered ``S`` keys and values, never ``S^2``;
+* left-padded rows, and any device other than the CPU: under a dense mask built once per micro-batch from the
+  global token positions (causal; per sample for packed rows; padded keys masked, as transformers masks them).
 
 Load balance for causal attention: the row (padded at the end to a multiple of ``2 * cp``, with untrained tokens)
 is cut into ``2 * cp`` chunks and rank ``r`` takes chunks ``r`` and ``2*cp - 1 - r`` (the "head-tail" layout of
@@ -121,10 +120,15 @@ def shard_batch(batch: Mapping[str, Any], cp: int, rank: int) -> dict:
         length += pad
     device = ids.device
     local = chunk_indices(length, cp, rank).to(device)
-    if _plain_causal(mask2d, batch.get("position_ids"), out["position_ids"]):
-        allowed = blockwise_marker(rows, length, cp, rank, device)
+    packed = batch.get("position_ids") is not None and mask2d is None
+    positions, padding = out["position_ids"], out.get("attention_mask") if mask2d is not None else None
+    dense = (lambda: _dense_allowed(positions, padding, packed, local, length, cp))  # noqa: E731
+    if device.type == "cpu" and (mask2d is None or bool((mask2d[:, 1:] <= mask2d[:, :-1]).all())):
+        # no padding, or padding at the end only (a real query never reaches a later padded key): block by block
+        segments = sample_segments(out["position_ids"], length, cp, rank) if packed else None
+        allowed = blockwise_marker(rows, length, cp, rank, segments, dense, device)
     else:
-        allowed = _dense_allowed(out, mask2d, batch.get("position_ids") is not None, local, length, cp)
+        allowed = dense()
     for key, value in out.items():
         if key != "attention_mask" and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length:
             out[key] = value[:, local]
@@ -132,37 +136,61 @@ def shard_batch(batch: Mapping[str, Any], cp: int, rank: int) -> dict:
     return out
 
 
-def _plain_causal(mask2d: torch.Tensor | None, given_positions: torch.Tensor | None, positions: torch.Tensor) -> bool:
-    """Whether plain causal attention over the row is exact for every trained token: no padding mask or a
-    right-padded one (a real query never reaches a later padded key), and one sample per row."""
-    if mask2d is not None:
-        return bool((mask2d[:, 1:] <= mask2d[:, :-1]).all())
-    if given_positions is not None:
-        return bool((sample_ids(positions) == 0).all())
-    return True
+Segment = tuple[int, int, int, int, int]  # local queries [q0, q1); global keys [before, start) in full, [start, end) causal
 
 
-def blockwise_marker(rows: int, length: int, cp: int, rank: int, device=None) -> torch.Tensor:
-    """The ``attention_mask`` of a plain causal split row: a ``[rows, 1, S/cp, S]`` view of one element (no memory)
-    that carries the layout, so that :func:`context_attention` computes causal attention block by block
-    (:func:`causal_blocks_attention`) and never builds the ``S/cp x S`` mask."""
+def sample_segments(positions: torch.Tensor, length: int, cp: int, rank: int) -> list[list[Segment]] | None:
+    """Per row, the pieces of this rank's two chunks that lie in one packed sample each, in local order:
+    ``(q0, q1, before, start, end)``: local queries ``q0:q1`` are the global tokens ``start:end`` of a sample that
+    begins at ``before`` (``before < start`` when it began in an earlier chunk). ``None`` when every row holds one
+    sample (the whole-row kernel applies)."""
+    sample = sample_ids(positions)
+    if bool((sample == 0).all()):
+        return None
+    size = length // (2 * cp)
+    rows = []
+    for ids in sample.tolist():
+        first = {}  # the first global position of each sample
+        for pos, s in enumerate(ids):
+            first.setdefault(s, pos)
+        row = []
+        for part, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+            begin = chunk * size
+            start = begin
+            for pos in range(begin + 1, begin + size + 1):
+                if pos == begin + size or ids[pos] != ids[start]:
+                    row.append((part * size + start - begin, part * size + pos - begin, first[ids[start]], start, pos))
+                    start = pos
+        rows.append(row)
+    return rows
+
+
+def blockwise_marker(rows: int, length: int, cp: int, rank: int, segments: list | None = None, dense=None,
+                     device=None) -> torch.Tensor:
+    """The ``attention_mask`` of a split batch that :func:`causal_blocks_attention` computes block by block: a
+    ``[rows, 1, S/cp, S]`` view of one element (no memory) carrying the layout (and, for packed rows, the samples'
+    :func:`sample_segments`), so that no ``S/cp x S`` mask is built; ``dense()`` builds the mask it stands for,
+    where the blockwise kernel cannot run (attention dropout in training)."""
     marker = torch.ones((), dtype=torch.bool, device=device).expand(rows, 1, length // cp, length)
-    marker._hfbridge_cp_layout = (length, cp, rank)
+    marker._hfbridge_cp_blocks = (length, cp, rank, segments)
+    marker._hfbridge_cp_dense = dense if dense is not None else (lambda: layout_mask(length, cp, rank, rows, device))
     return marker
 
 
-def _layout(mask: torch.Tensor | None) -> tuple[int, int, int] | None:
-    return getattr(mask, "_hfbridge_cp_layout", None)
+def _blocks(mask: torch.Tensor | None) -> tuple | None:
+    return getattr(mask, "_hfbridge_cp_blocks", None)
 
 
-def _dense_allowed(out: dict, mask2d, packed: bool, local: torch.Tensor, length: int, cp: int) -> torch.Tensor:
-    """The boolean ``[B or 1, 1, S/cp, S]`` mask of which all-gathered keys each local query attends to."""
+def _dense_allowed(positions: torch.Tensor, padding: torch.Tensor | None, packed: bool, local: torch.Tensor,
+                   length: int, cp: int) -> torch.Tensor:
+    """The boolean ``[B or 1, 1, S/cp, S]`` mask of which all-gathered keys each local query attends to, from the
+    whole rows' ``positions`` and padding mask (``[B, S]``, padded to ``length``)."""
     keys = key_order(length, cp).to(local.device)
     allowed = keys[None, :] <= local[:, None]  # causal, in global positions: [S/cp, S]
-    if mask2d is not None:  # a padding mask: padded keys are never attended (transformers' sdpa mask)
-        allowed = allowed[None] & out["attention_mask"].bool()[:, keys][:, None, :]
+    if padding is not None:  # a padding mask: padded keys are never attended (transformers' sdpa mask)
+        allowed = allowed[None] & padding.bool()[:, keys][:, None, :]
     elif packed:  # packed rows (restarting positions): attention stays inside each sample
-        sample = sample_ids(out["position_ids"])
+        sample = sample_ids(positions)
         allowed = allowed[None] & (sample[:, local][:, :, None] == sample[:, keys][:, None, :])
     else:
         allowed = allowed[None]
@@ -251,21 +279,20 @@ def context_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         else:
             key = _GatherSequence.apply(key, context.group, context.size, context.rank)
             value = _GatherSequence.apply(value, context.group, context.size, context.rank)
-        layout = _layout(attention_mask)
-        if layout is not None:
+        blocks = _blocks(attention_mask)
+        if blocks is not None:
             dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
             if query.device.type == "cpu" and not dropout and kwargs.get("softcap") is None:
-                scaling = kwargs.get("scaling")
-                out = causal_blocks_attention(query, key, value, *layout, scaling)
+                out = causal_blocks_attention(query, key, value, *blocks[:3], kwargs.get("scaling"), blocks[3])
                 return out.transpose(1, 2).contiguous(), None
-            attention_mask = layout_mask(*layout, attention_mask.shape[0], query.device)
+            attention_mask = attention_mask._hfbridge_cp_dense()
         if attention_mask.dtype == torch.bool:
             attention_mask = _additive_mask(attention_mask, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def layout_mask(length: int, cp: int, rank: int, rows: int, device) -> torch.Tensor:
-    """The dense boolean mask a :func:`blockwise_marker` stands for (where the blockwise kernel cannot run)."""
+    """The dense boolean causal mask of rows of one sequence each over the all-gathered keys."""
     local = chunk_indices(length, cp, rank).to(device)
     allowed = key_order(length, cp).to(device)[None, :] <= local[:, None]
     return allowed.expand(rows, 1, *allowed.shape)
@@ -307,22 +334,33 @@ class _CausalBlock(torch.autograd.Function):
 
 
 def causal_blocks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: int, cp: int,
-                            rank: int, scaling: float | None = None) -> torch.Tensor:
+                            rank: int, scaling: float | None = None,
+                            segments: list[list[Segment]] | None = None) -> torch.Tensor:
     """Causal attention of this rank's queries (``[B, H, S/cp, D]``: chunks ``rank`` and ``2*cp-1-rank`` of the row,
     see :func:`chunk_indices`) over the all-gathered keys and values (``[B, H_kv, S, D]`` in :func:`key_order`),
     without an ``S/cp x S`` mask: per query chunk, the kernel runs on the keys before it and, causally, on its own.
+    With packed rows (``segments``, see :func:`sample_segments`), per piece of a sample in a chunk: on the sample's
+    keys before the chunk and, causally, on the piece's own, so attention stays inside each sample.
     Returns ``[B, H, S/cp, D]``."""
     size = length // (2 * cp)
     order = torch.argsort(key_order(length, cp)).to(key.device)  # gathered -> global order
     key, value = key.index_select(-2, order), value.index_select(-2, order)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if segments is None:
+        segments_all = [[(part * size, (part + 1) * size, 0, chunk * size, (chunk + 1) * size)
+                         for part, chunk in enumerate((rank, 2 * cp - 1 - rank))]]
+        rows = [slice(None)]
+    else:
+        segments_all = segments
+        rows = [slice(b, b + 1) for b in range(len(segments))]
     outs = []
-    for part, chunk in enumerate((rank, 2 * cp - 1 - rank)):
-        begin, end = chunk * size, (chunk + 1) * size
-        q = query[:, :, part * size : (part + 1) * size]
-        outs.append(_CausalBlock.apply(q, key[:, :, :begin], value[:, :, :begin], key[:, :, begin:end],
-                                       value[:, :, begin:end], scale))
-    return torch.cat(outs, dim=2)
+    for row, pieces in zip(rows, segments_all):
+        q, k, v = query[row], key[row], value[row]
+        parts = [_CausalBlock.apply(q[:, :, q0:q1], k[:, :, before:start], v[:, :, before:start],
+                                    k[:, :, start:end], v[:, :, start:end], scale)
+                 for q0, q1, before, start, end in pieces]
+        outs.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
 
 def register_attention() -> None:
