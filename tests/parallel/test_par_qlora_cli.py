@@ -56,7 +56,9 @@ def test_two_process_qlora_saves_the_adapter_one_process_saves(runs):
         assert (run / "adapter").is_dir() and not (run / "model").exists()  # 4-bit: the adapter alone
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (one, two))
     assert sorted(a) == sorted(b) and len(a) == 28  # lora_A and lora_B of 7 linear layers x 2 blocks
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"QLoRA adapter, 2 processes (fsdp=2) against 1: {len(a)} tensors, max difference {diff:.1e}")
+    assert diff < ATOL
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 100 * ATOL  # trained (B starts at zero)
     configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (one, two)]
     assert [(c["r"], c["lora_alpha"], sorted(c["target_modules"])) for c in configs] == \
