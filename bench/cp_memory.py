@@ -1,6 +1,7 @@
 """The longest sequence that trains within a fixed per-rank memory, at cp=1 and cp=2 (context parallelism).
 
     python bench/cp_memory.py search [--cap-mb 1500] [--model DIR] [--cps 1,2] [--step 512]
+    python bench/cp_memory.py compare [--lengths 8192,16384] [--sample-length 1024] [--cp 2]
 
 For each ``cp`` it binary-searches the sequence length (a multiple of ``--step``) of one training step (batch of one
 row, forward, backward, AdamW step, through ``HFAutoModelForCausalLM`` on a ``(1, 1, 1, 1, cp)`` mesh over ``cp``
@@ -11,7 +12,9 @@ CPU processes, gloo): a length fits when the **peak resident memory (ru_maxrss) 
 
 The model (``--model``, default: built once into a temporary folder) is a small Llama (hidden 256, 4 layers, 8 heads,
 4 key-value heads, the test tokenizer's vocabulary), so activations, not weights, dominate. The memory counted is
-the whole process's: Python and torch (about 400 MB), the model, and the step.
+the whole process's: Python and torch (about 400 MB), the model, and the step. ``compare`` runs the same lengths
+as one sequence per row and as a packed row (samples of ``--sample-length`` tokens, positions restarting), whose
+attention is also computed block by block, per sample.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ def build(path: Path) -> Path:
                                 num_key_value_heads=4, max_position_embeddings=1 << 17)
 
 
-def probe(model_dir: str, cp: str, length: str, out: str) -> None:
-    """One training step on one row of ``length`` tokens with the sequence split over ``cp`` ranks (under torchrun)."""
+def probe(model_dir: str, cp: str, length: str, out: str, sample_length: str = "0") -> None:
+    """One training step on one row of ``length`` tokens with the sequence split over ``cp`` ranks (under torchrun);
+    with ``sample_length`` > 0 the row is packed: samples of that many tokens (positions restart)."""
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(cp)))
@@ -59,6 +63,8 @@ def probe(model_dir: str, cp: str, length: str, out: str) -> None:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, len(module.tokenizer), (1, n + 1), generator=generator)
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    if int(sample_length) > 0:
+        batch["position_ids"] = (torch.arange(n) % int(sample_length))[None]
     start = time.perf_counter()
     loss, tokens = module._loss(batch)
     loss.backward()
@@ -72,12 +78,12 @@ def probe(model_dir: str, cp: str, length: str, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def run_probe(model_dir: Path, cp: int, length: int, work: Path) -> dict | None:
+def run_probe(model_dir: Path, cp: int, length: int, work: Path, sample_length: int = 0) -> dict | None:
     """Peak per-rank memory of one step, or ``None`` when it failed (e.g. killed for memory)."""
-    out = work / f"cp{cp}-{length}.json"
+    out = work / f"cp{cp}-{length}-{sample_length}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp), "--standalone", __file__,
-           "probe", str(model_dir), str(cp), str(length), str(out)]
+           "probe", str(model_dir), str(cp), str(length), str(out), str(sample_length)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0 or not out.exists():
         print(f"  cp={cp} length={length}: failed (rc {result.returncode}) {result.stderr[-300:]}", flush=True)
@@ -138,12 +144,37 @@ def main() -> None:
     s.add_argument("--cps", default="1,2")
     s.add_argument("--step", type=int, default=512)
     p = sub.add_parser("probe")
-    p.add_argument("rest", nargs=4)
+    p.add_argument("rest", nargs="+", help="MODEL_DIR CP LENGTH OUT [SAMPLE_LENGTH]")
+    c = sub.add_parser("compare", help="cp=2 peaks per rank at given lengths: rows of one sequence against packed rows")
+    c.add_argument("--lengths", default="8192,16384")
+    c.add_argument("--sample-length", type=int, default=1024)
+    c.add_argument("--cp", type=int, default=2)
+    c.add_argument("--model", default=None)
     args = parser.parse_args()
     if args.command == "probe":
         probe(*args.rest)
+    elif args.command == "compare":
+        compare(args)
     else:
         search(args)
+
+
+def compare(args) -> None:
+    """The same lengths as one sequence per row and packed (positions restarting every ``--sample-length``)."""
+    work = Path(tempfile.mkdtemp(prefix="cp-memory-"))
+    model_dir = Path(args.model) if args.model else build(work / "model")
+    rows = []
+    for length in (int(n) for n in args.lengths.split(",")):
+        for sample_length in (0, args.sample_length):
+            data = run_probe(model_dir, args.cp, length, work, sample_length)
+            rows.append((length, sample_length, data))
+    print("\n| cp | sequence length | row | peak RSS per rank (MB) | step time (s) |")
+    print("| --- | --- | --- | --- | --- |")
+    for length, sample_length, data in rows:
+        kind = f"packed, samples of {sample_length}" if sample_length else "one sequence"
+        peak = "-" if data is None else ", ".join(str(round(r["peak_mb"])) for r in data["ranks"])
+        seconds = "-" if data is None else f"{data['seconds']:.1f}"
+        print(f"| {args.cp} | {length} | {kind} | {peak} | {seconds} |")
 
 
 if __name__ == "__main__":
