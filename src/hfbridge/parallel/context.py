@@ -34,8 +34,9 @@ and :meth:`~ContextParallel.combine`.
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,7 +166,7 @@ def sample_segments(positions: torch.Tensor, length: int, cp: int, rank: int) ->
     return rows
 
 
-def blockwise_marker(rows: int, length: int, cp: int, rank: int, segments: list | None = None, dense=None,
+def blockwise_marker(rows: int, length: int, cp: int, rank: int, segments: list | None, dense: Callable[[], torch.Tensor],
                      device=None) -> torch.Tensor:
     """The ``attention_mask`` of a split batch that :func:`causal_blocks_attention` computes block by block: a
     ``[rows, 1, S/cp, S]`` view of one element (no memory) carrying the layout (and, for packed rows, the samples'
@@ -173,7 +174,7 @@ def blockwise_marker(rows: int, length: int, cp: int, rank: int, segments: list 
     where the blockwise kernel cannot run (attention dropout in training)."""
     marker = torch.ones((), dtype=torch.bool, device=device).expand(rows, 1, length // cp, length)
     marker._hfbridge_cp_blocks = (length, cp, rank, segments)
-    marker._hfbridge_cp_dense = dense if dense is not None else (lambda: layout_mask(length, cp, rank, rows, device))
+    marker._hfbridge_cp_dense = dense
     return marker
 
 
@@ -291,13 +292,6 @@ def context_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def layout_mask(length: int, cp: int, rank: int, rows: int, device) -> torch.Tensor:
-    """The dense boolean causal mask of rows of one sequence each over the all-gathered keys."""
-    local = chunk_indices(length, cp, rank).to(device)
-    allowed = key_order(length, cp).to(device)[None, :] <= local[:, None]
-    return allowed.expand(rows, 1, *allowed.shape)
-
-
 class _CausalBlock(torch.autograd.Function):
     """Queries of one chunk attending to all keys before the chunk (no mask) and causally to the chunk's own keys:
     two calls of the CPU flash-attention kernel, merged by their log-sum-exp (as ring attention merges blocks).
@@ -333,6 +327,12 @@ class _CausalBlock(torch.autograd.Function):
         return grad_query, grad_key_before, grad_value_before, grad_key, grad_value, None
 
 
+@functools.lru_cache(maxsize=8)
+def _global_order(length: int, cp: int) -> torch.Tensor:
+    """Where each global position sits among the all-gathered keys (once per row length, not once per layer)."""
+    return torch.argsort(key_order(length, cp))
+
+
 def causal_blocks_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: int, cp: int,
                             rank: int, scaling: float | None = None,
                             segments: list[list[Segment]] | None = None) -> torch.Tensor:
@@ -343,7 +343,7 @@ def causal_blocks_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     keys before the chunk and, causally, on the piece's own, so attention stays inside each sample.
     Returns ``[B, H, S/cp, D]``."""
     size = length // (2 * cp)
-    order = torch.argsort(key_order(length, cp)).to(key.device)  # gathered -> global order
+    order = _global_order(length, cp).to(key.device)
     key, value = key.index_select(-2, order), value.index_select(-2, order)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if segments is None:

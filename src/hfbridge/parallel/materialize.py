@@ -52,8 +52,6 @@ def skeleton_for(module, auto_class=None, model_name=None) -> nn.Module:
     """The meta-device skeleton of an ``HFAutoModelForCausalLM``'s model, remembering where its weights are (a 4-bit
     model: the whole quantized model, see :func:`quantized_replica`)."""
     name = module.model_name if model_name is None else model_name
-    if module.load_in_4bit:
-        return quantized_replica(module, name, auto_class)
     source = WeightSource(
         path=loading.resolve_model_path(name, module.trust_remote_code),
         load_pretrained_weights=module.load_pretrained_weights,
@@ -63,22 +61,17 @@ def skeleton_for(module, auto_class=None, model_name=None) -> nn.Module:
         transform=module.model_transform,
         auto_class=auto_class,
         rng_state=torch.get_rng_state(),
+        load_in_4bit=module.load_in_4bit,
     )
-    return skeleton(source)
+    return quantized_replica(source) if source.load_in_4bit else skeleton(source)
 
 
-def quantized_replica(module, model_name, auto_class=None) -> nn.Module:
-    """The 4-bit model of ``module``, loaded whole on this rank (on its own device), with every rank's random state
+def quantized_replica(source: WeightSource) -> nn.Module:
+    """The 4-bit model of ``source``, loaded whole on this rank (on its own device), with every rank's random state
     set to rank 0's, so that the adapter a transform adds next is drawn alike on every rank, as one process would
     draw it (:func:`hfbridge.parallel.parallelize.apply_fsdp` also broadcasts the trainable weights from rank 0)."""
-    if not module.load_pretrained_weights:
+    if not source.load_pretrained_weights:
         raise UnsupportedParallelismError("load_in_4bit needs pretrained weights (load_pretrained_weights=True)")
-    source = WeightSource(
-        path=loading.resolve_model_path(model_name, module.trust_remote_code), load_pretrained_weights=True,
-        dtype=loading.resolve_dtype(module.default_dtype), attn_implementation=module.attn_implementation,
-        trust_remote_code=module.trust_remote_code, transform=module.model_transform, auto_class=auto_class,
-        load_in_4bit=True,
-    )
     model = load_quantized(source)
     model._hfbridge_weight_source = source  # how the gathered copy is rebuilt (hfbridge.parallel.export)
     if torch.distributed.is_initialized():

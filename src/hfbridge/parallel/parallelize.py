@@ -63,6 +63,13 @@ def parallelize_model(model: nn.Module, mesh=None, config: ParallelConfig | None
     return model
 
 
+QUANTIZED_NOT_SPLIT = (
+    "bitsandbytes packs each 4-bit weight into a flat byte buffer with per-block scales (its quant_state), which "
+    "cannot be split into rows or columns. QLoRA trains over fsdp/dp (the 4-bit base replicated on every rank, the "
+    "adapter and its optimizer state sharded)"
+)
+
+
 def check_supported(model: nn.Module, layout: MeshLayout) -> None:
     world = layout.data_parallel_size * layout.model_parallel_size
     if is_quantized(model) and world > 1:
@@ -73,10 +80,8 @@ def check_supported(model: nn.Module, layout: MeshLayout) -> None:
             )
         if layout.model is not None:
             raise UnsupportedParallelismError(
-                "4-bit weights with tensor/sequence parallelism (tp*sp > 1) are not supported: bitsandbytes packs "
-                "each 4-bit weight into a flat byte buffer with per-block scales (its quant_state), which cannot be "
-                "split into rows or columns. QLoRA trains over fsdp/dp (the 4-bit base replicated on every rank, "
-                "the adapter and its optimizer state sharded), e.g. sharding_axis_dims=(1,-1,1,1)"
+                f"4-bit weights with tensor/sequence parallelism (tp*sp > 1) are not supported: {QUANTIZED_NOT_SPLIT}, "
+                "e.g. sharding_axis_dims=(1,-1,1,1)"
             )
         if not is_peft_model(model):
             raise UnsupportedParallelismError(

@@ -116,7 +116,7 @@ def check_context_run(cfg, cp: int) -> None:
 def check_quantized_run(cfg, sizes: dict[str, int]) -> None:
     """QLoRA on several processes: text fine-tuning (sft) over fsdp/dp, checked before anything is loaded (the
     4-bit base is replicated on every rank, the adapter sharded; see docs/distributed.md)."""
-    from hfbridge.parallel.parallelize import UnsupportedParallelismError
+    from hfbridge.parallel.parallelize import QUANTIZED_NOT_SPLIT, UnsupportedParallelismError
 
     if cfg.method.task != "text-generation" or cfg.method.name != "sft":
         raise UnsupportedParallelismError(
@@ -126,8 +126,7 @@ def check_quantized_run(cfg, sizes: dict[str, int]) -> None:
     if sizes["tp"] * sizes["sp"] > 1:
         raise UnsupportedParallelismError(
             f"--load-in-4bit with tensor/sequence parallelism (tp={sizes['tp']}, sp={sizes['sp']}) is not "
-            "supported: bitsandbytes packs each 4-bit weight into a flat byte buffer with per-block scales, which "
-            "cannot be split into rows or columns. QLoRA trains over fsdp/dp, e.g. --sharding-axis-dims 1,-1,1,1"
+            f"supported: {QUANTIZED_NOT_SPLIT}, e.g. --sharding-axis-dims 1,-1,1,1"
         )
     if sizes["cp"] > 1:
         raise UnsupportedParallelismError(
