@@ -246,3 +246,24 @@ def test_no_field_value_gives_a_5xx(server):
         status, payload = raw(server, "POST", path, json.dumps(body).encode())
         assert status < 500, (path, body, payload)
         assert status == 200 or set(payload["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_row_the_engine_ended_at_its_deadline_is_a_504_whichever_side_sees_the_deadline_first():
+    """The engine ends a row past its deadline (finish reason "timeout") and the request's wait times out at the
+    same moment; when the engine's end event arrives first, the request is still a 504, not a cut-short 200."""
+    import asyncio
+
+    from hfbridge.serving.app import Pending
+    from hfbridge.serving.engine import Event, Row
+    from hfbridge.serving.errors import APIError
+
+    async def scenario():
+        row = Row([1, 2, 3], 8, deadline=time.monotonic() + 60)
+        pending = Pending([row], time.monotonic() + 60)  # the request's own wait is far from over
+        row.emit(Event("end", 0, text="cut", finish_reason="timeout", tokens=3))
+        with pytest.raises(APIError) as error:
+            await pending.next()
+        return error.value
+
+    error = asyncio.run(scenario())
+    assert error.status == 504 and error.body()["error"]["code"] == "timeout"

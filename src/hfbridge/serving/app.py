@@ -151,11 +151,17 @@ class Pending:
         if get in done:
             event = get.result()
             self.open -= event.kind in ("end", "error")
+            if event.kind == "end" and event.finish_reason == "timeout":  # the engine saw the deadline pass first
+                raise _timeout()
             return event
         get.cancel()
         if disconnected is not None and disconnected in done:
             raise ClientGone
-        raise APIError(504, "the request did not finish within the server's request timeout", code="timeout")
+        raise _timeout()
+
+
+def _timeout() -> APIError:
+    return APIError(504, "the request did not finish within the server's request timeout", code="timeout")
 
 
 class ClientGone(Exception):
