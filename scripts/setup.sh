@@ -18,7 +18,9 @@ elif [ -n "${1:-}" ]; then
   exit 2
 fi
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# --no-cache-dir: nothing is kept beside the venv (a fresh machine gains nothing from the cache, and a CI disk
+# with little room needs the space only once).
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir)
 if [ "$mode" = locked ]; then
   # Every package at its locked version, each file checked against its hash; then hfbridge itself, which adds
   # nothing (its dependencies are all in the lock).

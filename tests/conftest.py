@@ -5,9 +5,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "HFBRIDGE_TOKEN_CACHE" not in os.environ:  # the tests' tokenization cache entries stay out of the user's cache
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["HFBRIDGE_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="hfbridge-test-tokens-")
+    atexit.register(shutil.rmtree, os.environ["HFBRIDGE_TOKEN_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
