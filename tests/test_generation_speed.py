@@ -169,6 +169,38 @@ def test_what_the_fast_path_does_not_cover_goes_through_generate(models, tiny_to
     assert not decodes
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_rows_that_join_a_running_batch_get_their_own_answers(models, tiny_tokenizer, family, monkeypatch):
+    """Continuous batching: prompts join between steps (shorter and longer than what the batch has used, with
+    their own max_new_tokens, into an emptied batch too); every row gets the tokens it gets decoded alone."""
+    model = models(family)
+    encoded = [prompt_ids(tiny_tokenizer, p) for p in PROMPTS]
+    stops = stop_ids(tiny_tokenizer, model)
+    limits = [12, 12, 4, 9, 7, 3, 6]
+    # before step 2: a long chat (the batch moves right) and a short prompt; before step 5: a chat shorter than
+    # what the batch has used; the first rows end after 12 tokens, the batch empties, then the last one joins
+    schedule = {2: [(encoded[3], limits[3]), (encoded[5], limits[5])], 5: [(encoded[2], limits[2])]}
+    seen = []
+    merges = count_calls(monkeypatch, generation, "_merge")
+
+    def more(decoding):
+        seen.append(decoding)
+        if len(seen) - 1 in schedule:
+            return schedule[len(seen) - 1]
+        return [(encoded[4], limits[4])] if decoding == 0 and seen.count(0) == 1 else []
+
+    out = generation.greedy_decode(model, [encoded[0], encoded[1]], max_new_tokens=12, pad_token_id=pad_id(
+        tiny_tokenizer), stops=stops, more=more)
+    order = [0, 1, 3, 5, 2, 4]
+    widths = [[rows.used()[1] - rows.used()[0] for rows in args[:2]] for args in merges]
+    assert widths[0][1] > widths[0][0] and widths[1][1] < widths[1][0]  # the batch moved right, then the new row
+    assert len(out) == 6 and len(merges) == 2 and seen.count(0) == 2
+    for got, i in zip(out, order):
+        alone = reference(model, tiny_tokenizer, [PROMPTS[i]], limits[i] if i not in (0, 1) else 12, stops)[0]
+        assert got == alone, i
+    assert [len(t) for t in out] == [12, 12, 9, 3, 4, 7]
+
+
 def test_an_empty_prompt_is_refused(models):
     model = models("llama")
     with pytest.raises(ValueError, match="at least one token"):

@@ -274,9 +274,113 @@ class PrefixStore:
         return [(k[:, :, : len(prefix)], v[:, :, : len(prefix)]) for k, v in self.kv]
 
 
+class Steering:
+    """Per-row control of one batch of the decoding loop, for callers that need more than greedy decoding up to a
+    stop token (the server: sampled rows, stop strings, streaming, cancellation, deadlines). ``rows`` are indices
+    into the batch, in the order ``make_inputs`` was given its items. The same object steers the fast path
+    (:func:`greedy_decode`) and ``model.generate`` (as a logits processor and a stopping criterion), so a caller
+    gets the same tokens from either."""
+
+    def pick(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each of ``rows`` from their last-position logits (``[len(rows), vocab]``, float32)."""
+        return logits.argmax(-1)
+
+    def advance(self, rows: list[int], tokens: list[int]) -> list[bool]:
+        """Give each of ``rows`` its new token; ``True`` where that row is done and takes no more tokens."""
+        raise NotImplementedError
+
+
+class _Rows:
+    """The rows the fast greedy loop is decoding: their KV cache, which cache slots each row attends to
+    (``valid``, ``[rows, slots]``), each row's next position and next token, and their ids (indices into the
+    caller's prompts, joined rows after them). The next forward writes slot ``at``."""
+
+    def __init__(self, cache: _SlotCache, valid: torch.Tensor, position: torch.Tensor, token: torch.Tensor,
+                 ids: list[int], at: int):
+        self.cache, self.valid, self.position, self.token, self.ids, self.at = cache, valid, position, token, ids, at
+
+    def keep(self, keep: list[int]) -> _Rows | None:
+        """These rows only (indices into :attr:`ids`); ``None`` when none is left."""
+        if not keep:
+            return None
+        if len(keep) < len(self.ids):
+            index = torch.tensor(keep, device=self.valid.device)
+            self.cache.keep_rows(index)
+            self.valid, self.position, self.token = self.valid[index], self.position[index], self.token[index]
+            self.ids = [self.ids[k] for k in keep]
+        return self
+
+    def used(self) -> tuple[int, int]:
+        """The slots in use: from the first any row attends to up to ``at``."""
+        seen = self.valid[:, : self.at].any(0).nonzero()
+        return (int(seen[0]) if len(seen) else self.at), self.at
+
+
+def _merge(a: _Rows, b: _Rows, slots: int) -> _Rows:
+    """``a``'s rows then ``b``'s in one cache of ``slots`` slots. Each keeps its keys in the same order, moved so
+    that both write their next token at the same slot; slots no row attends to are dropped (positions are each
+    row's own, so moving keys changes nothing they compute)."""
+    (a0, a1), (b0, b1) = a.used(), b.used()
+    at = max(a1 - a0, b1 - b0)
+    if slots < at:
+        raise ValueError(f"{slots} slots cannot hold rows that have used {at}")
+    cache = _SlotCache(len(a.cache.layers), slots)
+    for layer, la, lb in zip(cache.layers, a.cache.layers, b.cache.layers):
+        for name in ("keys", "values"):
+            x, y = getattr(la, name), getattr(lb, name)
+            merged = x.new_zeros((x.shape[0] + y.shape[0], x.shape[1], slots, x.shape[3]))
+            merged[: x.shape[0], :, at - (a1 - a0) : at] = x[:, :, a0:a1]
+            merged[x.shape[0] :, :, at - (b1 - b0) : at] = y[:, :, b0:b1]
+            setattr(layer, name, merged)
+        layer.is_initialized = True
+    valid = a.valid.new_zeros((len(a.ids) + len(b.ids), slots))
+    valid[: len(a.ids), at - (a1 - a0) : at] = a.valid[:, a0:a1]
+    valid[len(a.ids) :, at - (b1 - b0) : at] = b.valid[:, b0:b1]
+    return _Rows(cache, valid, torch.cat([a.position, b.position]), torch.cat([a.token, b.token]), a.ids + b.ids, at)
+
+
+def _prefill(step: _Step, store: PrefixStore, prompts: Sequence[Sequence[int]], ids: list[int], slots_after: int,
+             pad_token_id: int, device) -> tuple[_Rows, torch.Tensor]:
+    """The prompts' forward: rows left-padded to the longest prompt ``T`` as ``generate`` lays them out, with
+    ``slots_after`` more slots; the prefix all rows share is taken from (or computed once into) ``store``.
+    Returns the rows (next write at slot ``T``) and their last-position logits."""
+    rows = len(prompts)
+    lengths = [len(p) for p in prompts]
+    total = max(lengths)
+    shared = min(lengths) - 1
+    for p in prompts[1:]:
+        shared = _common_prefix(prompts[0][:shared], p)
+    if rows == 1:  # nothing shared within the batch: only reuse what the store has
+        shared = _common_prefix(store.ids, prompts[0][:shared])
+    seed = store.covering(step, list(prompts[0][:shared]), device) if shared else None
+    tail = total - shared if shared else total  # the slots the batch forward computes: [total - tail, total)
+    offsets = [total - n for n in lengths]
+    cache = _SlotCache(step.layers, total + slots_after, seed, offsets)
+
+    slot = torch.arange(total + slots_after, device=device)
+    first = torch.tensor(offsets, device=device)[:, None]
+    valid = slot[None] >= first  # [rows, slots]: the prompt slots and, as they are written, the new ones
+    valid[:, total:] = False
+    tokens = torch.full((rows, tail), pad_token_id, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        n = min(len(p), tail)
+        tokens[r, tail - n :] = torch.tensor(list(p[len(p) - n :]), dtype=torch.long)
+    queries = slot[total - tail : total]
+    positions = (queries[None] - first).clamp(min=0)
+    allowed = valid[:, None, :total] & (slot[None, None, :total] <= queries[None, :, None])
+    allowed |= slot[None, None, :total] == queries[None, :, None]  # a padding query sees itself (never NaN)
+    logits = step(tokens.to(device), positions, allowed, cache, total - tail)
+    position = torch.tensor(lengths, device=device)
+    return _Rows(cache, valid, position, position.new_zeros(rows), list(ids), total), logits
+
+
+Joining = Callable[[int], Sequence[tuple[Sequence[int], int]]]
+
+
 @torch.no_grad()
 def greedy_decode(module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int,
-                  stops: set[int], prefix_store: PrefixStore | None = None) -> list[list[int]]:
+                  stops: set[int], prefix_store: PrefixStore | None = None, steering: Steering | None = None,
+                  more: Joining | None = None) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token id lists, one batch), each up to its first token in ``stops``
     (not included) or ``max_new_tokens`` tokens: the tokens ``model.generate(do_sample=False)`` gives on the
     left-padded batch, cut at the first stop token. ``module`` is what :func:`greedy_fast_path` returned.
@@ -285,61 +389,92 @@ def greedy_decode(module, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     tokens from slot ``T``) so attention sums the same keys in the same order. The longest prefix the prompts
     share (all but each row's last token at most) is computed once for the batch (or taken from
     ``prefix_store``) and copied into each row; the batch forward then covers only the last ``S`` slots, ``S``
-    the longest remainder. Rows that stop leave the batch."""
+    the longest remainder. Rows that stop leave the batch.
+
+    With ``steering``, it chooses each token (:meth:`Steering.pick`) and ends rows (:meth:`Steering.advance`)
+    instead of argmax and ``stops``; each row's list then holds every token it was given.
+
+    With ``more`` (continuous batching), before each step ``more(rows decoding now)`` gives prompts that join
+    the batch, each with its own ``max_new_tokens``: their prompts' forward runs on their own, then they decode
+    with the others (their ids follow the ones before; the returned list grows with them)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_decode: every prompt needs at least one token")
     step = _Step(module)
     device = next(module.parameters()).device
-    rows = len(prompts)
-    lengths = [len(p) for p in prompts]
-    total = max(lengths)
-    shared = min(lengths) - 1
-    for p in prompts[1:]:
-        shared = _common_prefix(prompts[0][:shared], p)
     store = prefix_store if prefix_store is not None else PrefixStore()
-    if rows == 1:  # nothing shared within the batch: only reuse what the store has
-        shared = _common_prefix(store.ids, prompts[0][:shared])
-    seed = store.covering(step, list(prompts[0][:shared]), device) if shared else None
-    tail = total - shared if shared else total  # the slots the batch forward computes: [total - tail, total)
-    offsets = [total - n for n in lengths]
-    cache = _SlotCache(step.layers, total + max_new_tokens - 1, seed, offsets)
+    out: list[list[int]] = []
+    limits: list[int] = []
 
-    slot = torch.arange(total + max_new_tokens - 1, device=device)
-    first = torch.tensor(offsets, device=device)[:, None]
-    valid = slot[None] >= first  # [rows, slots]: the prompt slots and, as they are written, the new ones
-    valid[:, total:] = False
-    ids = torch.full((rows, tail), pad_token_id, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        n = min(len(p), tail)
-        ids[r, tail - n :] = torch.tensor(list(p[len(p) - n :]), dtype=torch.long)
-    queries = slot[total - tail : total]
-    positions = (queries[None] - first).clamp(min=0)
-    allowed = valid[:, None, :total] & (slot[None, None, :total] <= queries[None, :, None])
-    allowed |= slot[None, None, :total] == queries[None, :, None]  # a padding query sees itself (never NaN)
-    token = step(ids.to(device), positions, allowed, cache, total - tail).argmax(-1)
-
-    out: list[list[int]] = [[] for _ in range(rows)]
-    alive = list(range(rows))
-    position = torch.tensor(lengths, device=device)
-    for n in range(max_new_tokens):
+    def settle(rows: _Rows, logits: torch.Tensor) -> _Rows | None:
+        """Choose the rows' next tokens from ``logits``; keep the rows that go on."""
+        rows.token = logits.argmax(-1) if steering is None else steering.pick(rows.ids, logits.float())
+        new = rows.token.tolist()
+        ended = steering.advance(rows.ids, new) if steering is not None else [t in stops for t in new]
         keep = []
-        for k, (r, t) in enumerate(zip(alive, token.tolist())):
-            if t in stops:
-                continue
-            out[r].append(t)
-            if n + 1 < max_new_tokens:
+        for k, (r, t, end) in enumerate(zip(rows.ids, new, ended)):
+            if steering is not None or not end:
+                out[r].append(t)
+            if not end and len(out[r]) < limits[r]:
                 keep.append(k)
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, device=device)
-            cache.keep_rows(index)
-            valid, position, token = valid[index], position[index], token[index]
-            alive = [alive[k] for k in keep]
-        at = total + n
-        valid[:, at] = True
-        token = step(token[:, None], (position + n)[:, None], valid[:, None, : at + 1], cache, at).argmax(-1)
-    return out
+        return rows.keep(keep)
+
+    def start(new: Sequence[Sequence[int]], budgets: Sequence[int]) -> _Rows | None:
+        if any(len(p) == 0 for p in new):
+            raise ValueError("greedy_decode: every prompt needs at least one token")
+        ids = list(range(len(out), len(out) + len(new)))
+        out.extend([] for _ in new)
+        limits.extend(budgets)
+        return settle(*_prefill(step, store, new, ids, max(budgets) - 1, pad_token_id, device))
+
+    rows = start(prompts, [max_new_tokens] * len(prompts))
+    while True:
+        if more is not None:
+            joining = more(len(rows.ids) if rows is not None else 0)
+            if joining:
+                new = start([p for p, _ in joining], [m for _, m in joining])
+                if rows is None or new is None:
+                    rows = new if rows is None else rows
+                else:
+                    need = max(limits[r] - len(out[r]) for r in rows.ids + new.ids)
+                    width = max(rows.used()[1] - rows.used()[0], new.used()[1] - new.used()[0])
+                    rows = _merge(rows, new, width + need)
+        if rows is None:
+            return out
+        at = rows.at
+        rows.valid[:, at] = True
+        logits = step(rows.token[:, None], rows.position[:, None], rows.valid[:, None, : at + 1], rows.cache, at)
+        rows.position += 1
+        rows.at += 1
+        rows = settle(rows, logits)
+
+
+def _steered_generate(steering: Steering) -> dict:
+    """``model.generate`` keywords that let ``steering`` pick every row's token and end rows."""
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    done: set[int] = set()
+
+    def open_rows(n: int) -> list[int]:
+        return [r for r in range(n) if r not in done]
+
+    class Pick(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            rows = open_rows(scores.shape[0])
+            if rows:  # generate's greedy selection then takes the picked token (finished rows it pads itself)
+                index = torch.tensor(rows, device=scores.device)
+                tokens = steering.pick(rows, scores[index].float())
+                scores[index] = -torch.inf
+                scores[index, tokens] = 0.0
+            return scores
+
+    class Advance(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            rows = open_rows(input_ids.shape[0])
+            ended = steering.advance(rows, input_ids[rows, -1].tolist()) if rows else []
+            done.update(r for r, end in zip(rows, ended) if end)
+            return torch.tensor([r in done for r in range(input_ids.shape[0])], device=input_ids.device)
+
+    return {"logits_processor": LogitsProcessorList([Pick()]), "stopping_criteria": StoppingCriteriaList([Advance()])}
 
 
 @torch.no_grad()
@@ -354,6 +489,8 @@ def generate_batched(
     pad_token_id: int,
     stops: set[int],
     fast_greedy: bool = True,
+    steer: Callable[[list], Steering] | None = None,
+    more: Joining | None = None,
     **generate_kwargs,
 ) -> list[list[int]]:
     """The one decoding loop of hfbridge: ``items`` sorted by ``lengths`` (batches carry little padding), in
@@ -362,7 +499,14 @@ def generate_batched(
 
     Greedy decoding of a model :func:`greedy_fast_path` accepts runs :func:`greedy_decode` (the same tokens as
     ``model.generate``, faster; ``fast_greedy=False`` keeps ``model.generate``); the shared prompt prefix is
-    computed once for all batches."""
+    computed once for all batches.
+
+    ``steer(batch)`` gives a :class:`Steering` for each batch: it picks every token and ends rows, on the fast path
+    and through ``model.generate`` alike (``stops`` then only decides nothing; what the rows hold is the
+    steering's).
+
+    ``more`` lets rows join the last batch as it decodes (continuous batching, see :func:`greedy_decode`); only
+    the fast path takes it: through ``model.generate`` it is never called."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     if max_new_tokens < 1:
@@ -388,11 +532,14 @@ def generate_batched(
             idx = order[start : start + batch_size]
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_inputs([items[i] for i in idx]).items()}
             prompts = _left_padded_rows(inputs) if fast is not None else None
+            steering = steer([items[i] for i in idx]) if steer is not None else None
             if prompts is not None:
                 new = greedy_decode(fast, prompts, max_new_tokens=max_new_tokens, stops=stops,
-                                    pad_token_id=generate_kwargs["pad_token_id"], prefix_store=store)
+                                    pad_token_id=generate_kwargs["pad_token_id"], prefix_store=store,
+                                    steering=steering, more=more if start + batch_size >= len(order) else None)
             else:
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+                steered = _steered_generate(steering) if steering is not None else {}
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs, **steered)
                 new = [_until_stop(tokens, stops) for tokens in out[:, inputs["input_ids"].shape[1] :].tolist()]
             for i, tokens in zip(idx, new):
                 results[i] = tokens

@@ -2,8 +2,11 @@
 
 One thread owns the model. It takes the oldest waiting request and waits for more: until no new request has come
 for ``window_s`` (at most ``5 * window_s`` after the oldest), or until ``max_batch`` rows wait; then it decodes all
-those rows as one batch (one ``generate`` call). Requests that arrive while a batch runs form the next one. Other work on the model (a declarative
-``/predict``) is a job run by the same thread between batches, so nothing else touches the model concurrently.
+those rows as one batch. Requests that arrive while a batch runs join it between two decoding steps, as long as
+it has room for all of a request's rows (continuous batching; on hfbridge's fast greedy loop, see
+:func:`hfbridge.generation.greedy_decode`); where decoding goes through ``model.generate`` they form the next
+batch. Other work on the model (a declarative ``/predict``) is a job run by the same thread between batches, so
+nothing else touches the model concurrently; while a job waits, no request joins the running batch.
 
 The queue is bounded: past ``max_queue`` waiting requests, :meth:`Batcher.submit` refuses with a 503.
 """
@@ -52,6 +55,7 @@ class Batcher:
         self.max_queue = max_queue
         self.batches = 0
         self.rows_done = 0
+        self.rows_joined = 0  # rows that joined a batch already decoding
         self._pending: deque[_Group | _Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -128,16 +132,17 @@ class Batcher:
                     break
                 self._pending.popleft()
                 rows.extend(group.rows)
-        now = time.monotonic()
-        live = []
-        for row in rows:  # a request that went away, or ran out of time, while it waited
-            if row.cancelled:
-                row.finish_reason = "cancelled"
-            elif now > row.deadline:
-                row.finish_reason = "timeout"
-            else:
-                live.append(row)
-        return live
+        return _live(rows)
+
+    def _joining(self, decoding: int) -> list[Row]:
+        """Requests whose rows all fit beside the ``decoding`` rows, oldest first, unless a job waits."""
+        rows: list[Row] = []
+        with self._cond:
+            while self._pending and isinstance(self._pending[0], _Group) and not self._closed:
+                if decoding + len(rows) + len(self._pending[0].rows) > self.max_batch:
+                    break
+                rows.extend(self._pending.popleft().rows)
+        return _live(rows)
 
     def _due(self) -> float:
         """When the next batch starts: ``window_s`` after the newest request (a burst is collected whole), at most
@@ -155,14 +160,22 @@ class Batcher:
         return count
 
     def _run_rows(self, rows: list[Row]) -> None:
+        joined: list[Row] = []
+
+        def joining(decoding: int) -> list[Row]:
+            new = self._joining(decoding)
+            joined.extend(new)
+            return new
+
         try:
-            self.engine.run(rows)
+            self.engine.run(rows, joining)
         except Exception as e:
-            log.exception("generation failed for a batch of %d rows", len(rows))
-            for row in rows:
+            log.exception("generation failed for a batch of %d rows", len(rows) + len(joined))
+            for row in rows + joined:
                 row.fail(f"generation failed: {type(e).__name__}: {e}")
         self.batches += 1
-        self.rows_done += len(rows)
+        self.rows_done += len(rows) + len(joined)
+        self.rows_joined += len(joined)
 
     def _run_job(self, job: _Job) -> None:
         if time.monotonic() > job.deadline or not job.future.set_running_or_notify_cancel():
@@ -172,3 +185,17 @@ class Batcher:
             job.future.set_result(job.fn())
         except Exception as e:
             job.future.set_exception(e)
+
+
+def _live(rows: list[Row]) -> list[Row]:
+    """The rows still wanted: a request that went away, or ran out of time, while it waited is ended here."""
+    now = time.monotonic()
+    live = []
+    for row in rows:
+        if row.cancelled:
+            row.finish_reason = "cancelled"
+        elif now > row.deadline:
+            row.finish_reason = "timeout"
+        else:
+            live.append(row)
+    return live

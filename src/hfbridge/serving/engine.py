@@ -1,15 +1,16 @@
 """Rows (one choice of one request) decoded together through hfbridge's one decoding loop.
 
-A batch of rows is one call of :func:`hfbridge.generation.generate_batched` (so one ``model.generate``), greedy.
-Two public hooks of ``generate`` make the rows independent of each other:
+A batch of rows is one call of :func:`hfbridge.generation.generate_batched`, steered row by row
+(:class:`hfbridge.generation.Steering`): greedy models run hfbridge's fast greedy loop, others ``model.generate``,
+and the steering does the same on both, so the rows are independent of each other:
 
-* a logits processor samples each sampled row with its own temperature, ``top_p`` and random generator (seeded
-  by the request's ``seed``: the same request gives the same text whatever else shares its batch) and leaves only
-  the chosen token, which greedy selection then takes; greedy rows are left alone;
-* a stopping criterion sees every new token: it ends a row at an end-of-sequence token, at its own
-  ``max_tokens``, at a ``stop`` string (found in the decoded text, so across token boundaries), when its request
-  was cancelled (the client went away) or when its deadline passed; it streams the text that can no longer change.
-  A finished row takes no more tokens; when every row is finished ``generate`` returns.
+* it samples each sampled row with its own temperature, ``top_p`` and random generator (seeded by the request's
+  ``seed``: the same request gives the same text whatever else shares its batch); greedy rows take the argmax;
+* it sees every new token: it ends a row at an end-of-sequence token, at its own ``max_tokens``, at a ``stop``
+  string (found in the decoded text, so across token boundaries), when its request was cancelled (the client
+  went away) or when its deadline passed; it streams the text that can no longer change.
+  A finished row takes no more tokens (on the fast path it leaves the batch); when every row is finished the
+  batch returns.
 
 The tokenizer is used only under :attr:`Engine.lock` (a fast tokenizer shared by threads raises "Already
 borrowed").
@@ -26,10 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from hfbridge.data.formats import pad_id
-from hfbridge.generation import Prompt, generate_batched, left_pad, prompt_ids, stop_ids
+from hfbridge.generation import Prompt, Steering, generate_batched, left_pad, prompt_ids, stop_ids
 from hfbridge.models.loading import context_length
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def stable_prefix(text: str, stops: Sequence[str]) -> str:
 class Engine:
     """The model and its tokenizer, shared by every request: encodes prompts and decodes batches of rows."""
 
-    def __init__(self, model, tokenizer, *, generate_kwargs: dict | None = None):
+    def __init__(self, model, tokenizer, *, generate_kwargs: dict | None = None, fast_greedy: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.lock = threading.RLock()
@@ -130,6 +130,7 @@ class Engine:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self.vocab_size = int(embeddings.weight.shape[0]) if embeddings is not None else len(tokenizer)
         self.generate_kwargs = dict(generate_kwargs or {})
+        self.fast_greedy = fast_greedy  # False: every batch through model.generate (the reference the tests use)
         self.generate_calls = 0
 
     @property
@@ -145,12 +146,23 @@ class Engine:
         with self.lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def run(self, rows: list[Row]) -> None:
-        """Decode ``rows`` as one batch (one ``generate`` call); every row ends with an ``end`` event."""
-        batch = _Batch(self, rows)
+    def run(self, rows: list[Row], joining: Callable[[int], list[Row]] | None = None) -> None:
+        """Decode ``rows`` as one batch (one call of the decoding loop); every row ends with an ``end`` event.
+
+        ``joining(rows decoding now)``, asked between steps on the fast path, gives rows that join the batch
+        (continuous batching); through ``model.generate`` it is never asked."""
+        batches: list[_Batch] = []
+
+        def more(decoding: int) -> list[tuple[list[int], int]]:
+            new = joining(decoding) if joining is not None else []
+            batches[-1].order.extend(new)
+            return [(r.prompt, r.max_tokens) for r in new]
+
+        def steer(part: list[Row]) -> _Batch:
+            batches.append(_Batch(self, part))
+            return batches[-1]
 
         def make_inputs(part: list[Row]) -> dict:
-            batch.order = part
             ids, mask = left_pad([r.prompt for r in part], self.pad)
             return {"input_ids": ids, "attention_mask": mask}
 
@@ -158,24 +170,35 @@ class Engine:
         generate_batched(
             self.model, rows, [len(r.prompt) for r in rows], make_inputs,
             max_new_tokens=max(r.max_tokens for r in rows), batch_size=len(rows), pad_token_id=self.pad,
-            stops=self.stops, do_sample=False, logits_processor=LogitsProcessorList([_Sampler(batch)]),
-            stopping_criteria=StoppingCriteriaList([_Tracker(batch)]), **self.generate_kwargs,
+            stops=self.stops, fast_greedy=self.fast_greedy, steer=steer, more=more if joining is not None else None,
+            do_sample=False, **self.generate_kwargs,
         )
-        for row in rows:  # generate stopped at its own limits first (the model's max_length, say)
-            if not row.finished:
-                batch.finish(row, "length")
+        for batch in batches:  # decoding stopped at its own limits first (the model's max_length, say)
+            for row in batch.order:
+                if not row.finished:
+                    batch.finish(row, "length")
 
 
-class _Batch:
-    """The rows of one ``generate`` call, in the order of its batch rows, and what each step does to them."""
+class _Batch(Steering):
+    """The rows of one batch of the decoding loop, in the order of its batch rows: picks their tokens and says
+    what each new token does to them."""
 
     def __init__(self, engine: Engine, rows: list[Row]):
         self.engine = engine
         self.order = rows
 
-    def step(self, new_tokens: list[int]) -> list[bool]:
+    def pick(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        tokens = logits.argmax(-1)
+        for k, i in enumerate(rows):
+            row = self.order[i]
+            if row.sampled and not row.finished:
+                tokens[k] = row.sample(logits[k])
+        return tokens
+
+    def advance(self, rows: list[int], tokens: list[int]) -> list[bool]:
         now = time.monotonic()
-        for row, token in zip(self.order, new_tokens):
+        for i, token in zip(rows, tokens):
+            row = self.order[i]
             if row.finished:
                 continue
             if row.cancelled:
@@ -184,14 +207,14 @@ class _Batch:
                 self.finish(row, "stop")
             else:
                 row.tokens.append(token)
-                self.advance(row)
+                self.scan(row)
                 if not row.finished and len(row.tokens) >= row.max_tokens:
                     self.finish(row, "length")
                 elif not row.finished and now > row.deadline:
                     self.finish(row, "timeout")
-        return [row.finished for row in self.order]
+        return [self.order[i].finished for i in rows]
 
-    def advance(self, row: Row) -> None:
+    def scan(self, row: Row) -> None:
         """Look for a stop string in the row's text, and stream what can no longer change."""
         if not (row.stops or row.stream):
             return
@@ -213,29 +236,3 @@ class _Batch:
             row.sent = final
         row.text, row.finish_reason = final, reason
         row.emit(Event("end", row.index, text=final, finish_reason=reason, tokens=len(row.tokens)))
-
-
-class _Sampler(LogitsProcessor):
-    """Samples each sampled row with its own settings and generator; greedy selection then takes that token."""
-
-    def __init__(self, batch: _Batch):
-        self.batch = batch
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for i, row in enumerate(self.batch.order):
-            if row.sampled and not row.finished:
-                token = row.sample(scores[i])
-                scores[i] = -math.inf
-                scores[i, token] = 0.0
-        return scores
-
-
-class _Tracker(StoppingCriteria):
-    """Hands each step's new tokens to the batch; a row is done when the batch says so."""
-
-    def __init__(self, batch: _Batch):
-        self.batch = batch
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = self.batch.step(input_ids[:, -1].tolist())
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
