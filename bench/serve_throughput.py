@@ -1,14 +1,19 @@
-"""Serving throughput: the same requests sent by concurrent clients (decoded together by the batcher) against
-sent one after another (what a one-request-at-a-time server does), to one ``hfbridge serve`` on 127.0.0.1; and
-the concurrent clients again with every batch decoded by ``model.generate`` (what the server did before its
-batches were steered through hfbridge's fast greedy loop).
+"""Serving throughput and latency, on one ``hfbridge serve`` on 127.0.0.1, all in one run:
+
+* a burst: the same requests sent by concurrent clients (decoded together by the batcher) against sent one after
+  another (what a one-request-at-a-time server does), and the concurrent clients again with every batch decoded by
+  ``model.generate`` (what the server did before its batches were steered through hfbridge's fast greedy loop);
+* arrivals: requests of mixed lengths (``max_tokens`` cycling 64, 8, 32, 16) sent one every ``--arrival-ms``,
+  served with continuous batching (a request joins the running batch between steps), batch after batch
+  (``--no-continuous-batching``), and batch after batch through ``model.generate``.
 
     .venv/bin/python bench/serve_throughput.py                         # tiny random Llama, then embedded SmolLM2
     .venv/bin/python bench/serve_throughput.py --models tiny --clients 16 --max-tokens 64
 
-Every request is a greedy chat completion (so both ways generate the very same tokens, checked); the prompts ask
-for a story, in varied lengths. Printed per model: generated tokens per second (the usage counts, over the wall
-time of all the requests), the median request latency, the number of decoding batches, and the speed-ups.
+Every request is a greedy chat completion (so every way generates the very same tokens, checked); the prompts ask
+for a story, in varied lengths. Printed per model and way: generated tokens per second (the usage counts, over the
+wall time of all the requests), the median (and for arrivals the mean and 90th percentile) request latency, the
+number of decoding batches, and the ratios.
 """
 
 from __future__ import annotations
@@ -45,23 +50,29 @@ def served_model(name: str):
     return ServedModel(model, tokenizer, "tiny")
 
 
-def run(client, model_id: str, prompts: list, max_tokens: int, clients: int) -> dict:
-    def ask(messages):
-        start = time.perf_counter()
-        reply = client.chat.completions.create(model=model_id, messages=messages, max_tokens=max_tokens,
-                                               temperature=0)
-        return reply, time.perf_counter() - start
-
+def run(client, model_id: str, prompts: list, max_tokens, clients: int, spacing_s: float = 0.0) -> dict:
+    """Send ``prompts`` (``max_tokens``: one for all, or one per prompt) from ``clients`` threads, the i-th not
+    before ``i * spacing_s``; tokens per second over the wall time, latencies, texts."""
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     start = time.perf_counter()
+
+    def ask(i):
+        time.sleep(max(0.0, start + i * spacing_s - time.perf_counter()))
+        sent = time.perf_counter()
+        reply = client.chat.completions.create(model=model_id, messages=prompts[i], max_tokens=limits[i],
+                                               temperature=0)
+        return reply, time.perf_counter() - sent
+
     if clients == 1:
-        results = [ask(m) for m in prompts]
+        results = [ask(i) for i in range(len(prompts))]
     else:
         with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(ask, prompts))
+            results = list(pool.map(ask, range(len(prompts))))
     wall = time.perf_counter() - start
     tokens = sum(r.usage.completion_tokens for r, _ in results)
-    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
-            "p50_s": statistics.median(s for _, s in results),
+    latencies = sorted(s for _, s in results)
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "p50_s": statistics.median(latencies),
+            "mean_s": statistics.fmean(latencies), "p90_s": latencies[int(0.9 * (len(latencies) - 1))],
             "texts": [r.choices[0].message.content for r, _ in results]}
 
 
@@ -80,6 +91,7 @@ def bench(name: str, args) -> None:
             openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=600) as client:
         engine = server.app.state.served.engine
         run(client, served.model_id, prompts[:2], 4, 1)  # warm-up
+        batcher = server.app.state.served.batcher
         rows = {}
         for mode, clients, fast in (("sequential", 1, True), ("concurrent", args.clients, True),
                                     ("concurrent, generate", args.clients, False)):
@@ -87,15 +99,34 @@ def bench(name: str, args) -> None:
             engine.fast_greedy = fast
             rows[mode] = run(client, served.model_id, prompts, args.max_tokens, clients)
             rows[mode]["calls"] = engine.generate_calls - calls
-        engine.fast_greedy = True
+        limits = [(64, 8, 32, 16)[i % 4] * args.max_tokens // 64 or 1 for i in range(len(prompts))]
+        arrivals = {}
+        for mode, continuous, fast in (("continuous", True, True), ("batch after batch", False, True),
+                                       ("batch after batch, generate", False, False)):
+            calls = engine.generate_calls
+            engine.fast_greedy, batcher.continuous = fast, continuous
+            arrivals[mode] = run(client, served.model_id, prompts, limits, args.clients, args.arrival_ms / 1000)
+            arrivals[mode]["calls"] = engine.generate_calls - calls
+        engine.fast_greedy, batcher.continuous = True, True
     same = len({tuple(r["texts"]) for r in rows.values()}) == 1
+    print("burst: every request at once")
     for mode, r in rows.items():
-        print(f"{mode:>20}: {r['tokens']:5d} tokens in {r['wall_s']:6.2f}s = {r['tok_s']:7.1f} tok/s, "
+        print(f"{mode:>28}: {r['tokens']:5d} tokens in {r['wall_s']:6.2f}s = {r['tok_s']:7.1f} tok/s, "
               f"median latency {r['p50_s']:.2f}s, {r['calls']} decoding batches")
     concurrent = rows["concurrent"]["tok_s"]
     print(f"concurrent: {concurrent / rows['sequential']['tok_s']:.2f}x sequential, "
           f"{concurrent / rows['concurrent, generate']['tok_s']:.2f}x through model.generate; "
           f"same answers all three ways: {same}")
+    print(f"arrivals: one request every {args.arrival_ms:.0f} ms, max_tokens cycling {limits[:4]}")
+    for mode, r in arrivals.items():
+        print(f"{mode:>28}: {r['tokens']:5d} tokens in {r['wall_s']:6.2f}s = {r['tok_s']:7.1f} tok/s, "
+              f"latency mean {r['mean_s']:.2f}s, median {r['p50_s']:.2f}s, p90 {r['p90_s']:.2f}s, "
+              f"{r['calls']} decoding batches")
+    ref = arrivals["continuous"]
+    for mode in ("batch after batch", "batch after batch, generate"):
+        print(f"continuous against {mode}: {ref['tok_s'] / arrivals[mode]['tok_s']:.2f}x tok/s, mean latency "
+              f"{ref['mean_s'] / arrivals[mode]['mean_s']:.2f}x")
+    print(f"same answers all three ways: {len({tuple(r['texts']) for r in arrivals.values()}) == 1}")
 
 
 def main() -> None:
@@ -105,6 +136,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
+    parser.add_argument("--arrival-ms", type=float, default=100.0, help="spacing of the arrivals scenario's requests")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     args = parser.parse_args()
     import torch

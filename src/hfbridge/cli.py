@@ -95,6 +95,8 @@ def _serve_parser(sub) -> None:
     limits.add_argument("--max-batch-size", type=_positive(int), default=16, help="rows decoded together")
     limits.add_argument("--batch-wait-ms", type=float, default=20.0,
                         help="a batch starts when no request came for this long (at most 5x after its first)")
+    limits.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
+                        help="requests that arrive while a batch decodes wait for the next batch instead of joining it")
     limits.add_argument("--max-queue", type=_positive(int), default=256,
                         help="requests waiting for the model; more get a 503")
     limits.add_argument("--workers", type=_positive(int), default=2, help="threads that encode prompts")
@@ -188,6 +190,7 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(
         api_key=args.api_key or None, max_new_tokens=args.max_new_tokens, max_n=args.max_n,
         max_batch_size=args.max_batch_size, batch_wait_ms=max(args.batch_wait_ms, 0.0), max_queue=args.max_queue,
+        continuous_batching=args.continuous_batching,
         workers=args.workers, request_timeout=args.request_timeout, read_timeout=args.read_timeout,
         max_body_bytes=args.max_body_bytes, max_records=args.max_records, max_connections=args.max_connections)
     return serve(args.model, args.config, settings, host=args.host, port=args.port, device=args.device,

@@ -72,15 +72,17 @@ def test_a_cancelled_row_leaves_the_fast_loop(engine):
     assert rows[1].finish_reason == "cancelled" and rows[1].tokens == []
 
 
-def test_a_request_joins_the_running_batch_and_ends_first(make_server, monkeypatch):
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_request_joins_the_running_batch_and_ends_first(make_server, monkeypatch, continuous):
     """Continuous batching through the server: a short request sent while a long one decodes joins its batch
-    between two steps (no second batch), gets its sequential answer, and is answered before the long one ends."""
+    between two steps (no second batch), gets its sequential answer, and is answered before the long one ends;
+    with ``--no-continuous-batching`` it waits for the next batch (the same answers, later)."""
     import threading
     import time
 
     from serve_helpers import MODEL_ID, client_for, served
 
-    server = make_server(max_new_tokens=64)
+    server = make_server(max_new_tokens=64, continuous_batching=continuous)
     batcher = served(server).batcher
     long_chat = [{"role": "user", "content": "Tell me a long story about a fox."}]
     with client_for(server) as client:
@@ -104,6 +106,10 @@ def test_a_request_joins_the_running_batch_and_ends_first(make_server, monkeypat
         time.sleep(0.4)  # the long request's batch is some steps in (60 steps take over a second)
         results["short"] = ask(CHAT, 5)
         long.join(30)
-    assert batcher.batches - batches == 1 and batcher.rows_joined == 1
     assert results["long"][:2] == alone[0][:2] and results["short"][:2] == alone[1][:2]
-    assert results["short"][2] < results["long"][2]
+    if continuous:
+        assert batcher.batches - batches == 1 and batcher.rows_joined == 1
+        assert results["short"][2] < results["long"][2]
+    else:
+        assert batcher.batches - batches == 2 and batcher.rows_joined == 0
+        assert results["short"][2] > results["long"][2]

@@ -47,6 +47,7 @@ class ServeSettings:
     max_n: int = 8  # choices per request
     max_batch_size: int = 16  # rows decoded together
     batch_wait_ms: float = 20.0  # a batch starts when no request came for this long (at most 5x after its first)
+    continuous_batching: bool = True  # requests join a decoding batch between steps (on the fast greedy loop)
     max_queue: int = 256  # requests waiting for the model; more get a 503
     workers: int = 2  # threads that encode prompts and check /predict records
     request_timeout: float = 300.0  # seconds from arrival to the last token; past it a 504 and the rows stop
@@ -64,7 +65,8 @@ class Served:
         self.settings = settings
         self.engine = Engine(served.model, served.tokenizer)
         self.batcher = Batcher(self.engine, max_batch=settings.max_batch_size,
-                               window_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue)
+                               window_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
+                               continuous=settings.continuous_batching)
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="hfbridge-worker")
 
     @property

@@ -46,13 +46,15 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, *, max_batch: int = 16, window_s: float = 0.02, max_queue: int = 256):
+    def __init__(self, engine: Engine, *, max_batch: int = 16, window_s: float = 0.02, max_queue: int = 256,
+                 continuous: bool = True):
         if max_batch < 1 or max_queue < 1 or window_s < 0:
             raise ValueError("max_batch and max_queue must be at least 1, window_s at least 0")
         self.engine = engine
         self.max_batch = max_batch
         self.window_s = window_s
         self.max_queue = max_queue
+        self.continuous = continuous  # False: requests that arrive during a batch wait for the next one
         self.batches = 0
         self.rows_done = 0
         self.rows_joined = 0  # rows that joined a batch already decoding
@@ -168,7 +170,7 @@ class Batcher:
             return new
 
         try:
-            self.engine.run(rows, joining)
+            self.engine.run(rows, joining if self.continuous else None)
         except Exception as e:
             log.exception("generation failed for a batch of %d rows", len(rows) + len(joined))
             for row in rows + joined:
