@@ -27,11 +27,11 @@ KILL_AT = {
 }
 
 
-def _finetune(model_dir, train, tmp_path, out, kill_at=None, resume=False):
+def _finetune(model_dir, train, tmp_path, out, kill_at=None, resume=False, extra=()):
     ck = tmp_path / f"ck-{out.split('-')[0]}"
     args = ["finetune", "--model", str(model_dir), "--data", str(train), "--output", str(tmp_path / out), "--full",
             "--batch-size", "4", "--max-steps", "4", "--lr", "1e-3", "--no-progress-bar", "--save-every", "2",
-            "--checkpoint-dir", str(ck), *(["--resume"] if resume else [])]
+            "--checkpoint-dir", str(ck), *(["--resume"] if resume else []), *extra]
     patch = ""
     if kill_at:
         name, condition, when = KILL_AT[kill_at]
@@ -79,6 +79,27 @@ def test_a_kill_at_each_phase_of_a_save_resumes_to_the_uninterrupted_weights(pha
     resumed = _finetune(tiny_model_dir, train, tmp_path, f"{phase}-resumed", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = _weights(tmp_path / f"{phase}-resumed")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_full_dpo_with_a_precomputed_reference_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_path):
+    """The precomputed reference of a full fine-tune is the model as loaded: a resumed run computes it again before
+    the checkpoint's weights are restored, so killed during the save of step 4 and resumed from step 2, it ends
+    where the uninterrupted run ends (with the trained weights as its reference it would not)."""
+    from hfbridge.data.demo_preference import write_preference_data
+
+    train, _ = write_preference_data(tmp_path / "data", n_train=16, seed=0, fmt="preference")
+    dpo = ("--method", "dpo", "--reference", "precomputed", "--packing", "off", "--eval-samples", "2")
+    ref = _finetune(tiny_model_dir, train, tmp_path, "ref", extra=dpo)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = _finetune(tiny_model_dir, train, tmp_path, "dpo-run", kill_at="shards-written", extra=dpo)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = _finetune(tiny_model_dir, train, tmp_path, "dpo-resumed", resume=True, extra=dpo)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step-00000002" in resumed.stderr
+    expected, got = _weights(tmp_path / "ref"), _weights(tmp_path / "dpo-resumed")
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -150,3 +150,28 @@ def test_hfbridge_score_rewards_texts_and_never_replaces_a_file(tiny_model_dir, 
     assert cli.main(["score", "--model", str(tiny_model_dir), "--data", str(texts)]) == 2  # not a reward model
     texts.write_text(json.dumps({"question": "x"}) + "\n")
     assert cli.main(["score", "--model", str(run), "--data", str(texts)]) == 2
+
+
+def test_a_strategy_that_restored_weights_before_the_fit_started_refuses_a_precomputed_full_reference(
+        tiny_model_dir, tiny_tokenizer):
+    """Lightning restores a checkpoint before ``on_fit_start`` under strategies that do not restore after setup:
+    the precomputed reference of a full fine-tune would then be the trained weights, so it is refused there (the
+    mesh strategy restores after, and resumes: tests/test_fault_injection.py)."""
+    from types import SimpleNamespace
+
+    from hfbridge.models.preference import HFPreferenceModel
+
+    module = HFPreferenceModel(model_name=str(tiny_model_dir), tokenizer=tiny_tokenizer, method="dpo",
+                               reference="precomputed")
+    module.configure_model()
+    module.precompute_reference = lambda datamodule: pytest.fail("the reference was computed")
+    datamodule = SimpleNamespace(reference_batches=lambda: [])
+    module._trainer = SimpleNamespace(ckpt_path="runs/ck/step-00000002", strategy=SimpleNamespace(),
+                                      datamodule=datamodule)
+    with pytest.raises(ValueError, match="cannot resume under SimpleNamespace"):
+        module.on_fit_start()
+    module._trainer.ckpt_path = None  # a fresh run (or one whose strategy restores after the fit starts)
+    computed = []
+    module.precompute_reference = computed.append
+    module.on_fit_start()
+    assert computed == [datamodule]

@@ -301,6 +301,14 @@ class HFPreferenceModel(_PreferenceSteps, HFAutoModelForCausalLM):
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is None or not hasattr(datamodule, "reference_batches"):
                 raise ValueError("reference 'precomputed' needs a PreferenceDataModule passed to Trainer.fit")
+            if self.trainer.ckpt_path and not is_peft_model(self.model):
+                # The reference is the model as loaded: a resumed run computes it here, before the checkpoint is
+                # restored, which Lightning does after this hook for strategies that restore after setup
+                # (hfbridge's mesh strategy, which every resumable run uses). Set now, it was restored already.
+                raise ValueError(f"reference 'precomputed' of full fine-tuning cannot resume under "
+                                 f"{type(self.trainer.strategy).__name__}: it restores the checkpoint before the "
+                                 "reference is computed; resume under hfbridge's MeshParallelStrategy "
+                                 "(--checkpoint-dir)")
             self.precompute_reference(datamodule)
 
     @torch.no_grad()

@@ -414,9 +414,6 @@ class PreferenceTask(TextTask):
         mesh = bool(cfg.parallel.sharding_axis_dims or cfg.parallel.nproc_per_node)
         check_preference_options(method, cfg.method.beta, cfg.method.label_smoothing, cfg.method.reference,
                                  adapter=cfg.lora, mesh=mesh, load_in_4bit=cfg.quantization.load_in_4bit)
-        if cfg.checkpoint.resume and cfg.method.reference == "precomputed" and not cfg.lora:
-            raise ValueError("checkpoint.resume: a precomputed reference of full fine-tuning is the model as it was "
-                             "before training, which a resumed run no longer has; use an adapter or reference copy")
 
     def write_demo_data(self, folder: Path, cfg: RunConfig) -> tuple[Path, Path]:
         from hfbridge.data.demo_preference import write_preference_data
