@@ -491,6 +491,7 @@ def generate_batched(
     fast_greedy: bool = True,
     steer: Callable[[list], Steering] | None = None,
     more: Joining | None = None,
+    prefix_store: PrefixStore | None = None,
     **generate_kwargs,
 ) -> list[list[int]]:
     """The one decoding loop of hfbridge: ``items`` sorted by ``lengths`` (batches carry little padding), in
@@ -506,7 +507,8 @@ def generate_batched(
     steering's).
 
     ``more`` lets rows join the last batch as it decodes (continuous batching, see :func:`greedy_decode`); only
-    the fast path takes it: through ``model.generate`` it is never called."""
+    the fast path takes it: through ``model.generate`` it is never called. ``prefix_store`` keeps the shared
+    prompt prefix's keys and values across calls (a server's system prompt); it must not outlive the weights."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     if max_new_tokens < 1:
@@ -522,7 +524,7 @@ def generate_batched(
     fast = greedy_fast_path(model, generate_kwargs, longest) if fast_greedy else None
     if fast is not None and not _generation_eos(fast) <= set(stops):
         fast = None  # generate would end rows at an EOS that is not a stop (and pad them): keep its tokens exactly
-    store = PrefixStore()
+    store = prefix_store if prefix_store is not None else PrefixStore()
     was_training = model.training
     model.eval()
     order = sorted(range(len(items)), key=lambda i: lengths[i])

@@ -113,3 +113,21 @@ def test_a_request_joins_the_running_batch_and_ends_first(make_server, monkeypat
     else:
         assert batcher.batches - batches == 2 and batcher.rows_joined == 0
         assert results["short"][2] > results["long"][2]
+
+
+def test_the_shared_system_prompt_is_kept_across_batches(engine, monkeypatch):
+    """A batch whose rows share a system prompt computes it once and keeps it: a later request with the same
+    system prompt starts its forward after it, and still gets the answer ``model.generate`` gives."""
+    system = {"role": "system", "content": "You are a helpful assistant who answers in one short sentence."}
+    chats = [[system, {"role": "user", "content": text}] for text in ("What day is it?", "Name a colour.",
+                                                                      "Say hello to the fox.")]
+    engine.prefixes = generation.PrefixStore()
+    decode(engine, [(chats[0], 4, {}), (chats[1], 4, {})], fast=True)
+    shared = len(engine.prefixes.ids)
+    assert shared >= len(engine.encode([system])) - 2  # the system prompt (and the template around it)
+    starts = []
+    forward = generation._Step.__call__
+    monkeypatch.setattr(generation._Step, "__call__", lambda self, *a: starts.append(a[-1]) or forward(self, *a))
+    later = decode(engine, [(chats[2], 6, {})], fast=True)
+    assert starts[0] == shared and 0 not in starts  # nothing recomputed from the first slot
+    assert later == decode(engine, [(chats[2], 6, {})], fast=False)

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import torch
 
 from hfbridge.data.formats import pad_id
-from hfbridge.generation import Prompt, Steering, generate_batched, left_pad, prompt_ids, stop_ids
+from hfbridge.generation import (
+    PrefixStore,
+    Prompt,
+    Steering,
+    generate_batched,
+    left_pad,
+    prompt_ids,
+    stop_ids,
+)
 from hfbridge.models.loading import context_length
 
 log = logging.getLogger(__name__)
@@ -132,6 +140,7 @@ class Engine:
         self.generate_kwargs = dict(generate_kwargs or {})
         self.fast_greedy = fast_greedy  # False: every batch through model.generate (the reference the tests use)
         self.generate_calls = 0
+        self.prefixes = PrefixStore()  # the last shared prompt prefix (a system prompt), kept across batches
 
     @property
     def has_chat_template(self) -> bool:
@@ -171,6 +180,7 @@ class Engine:
             self.model, rows, [len(r.prompt) for r in rows], make_inputs,
             max_new_tokens=max(r.max_tokens for r in rows), batch_size=len(rows), pad_token_id=self.pad,
             stops=self.stops, fast_greedy=self.fast_greedy, steer=steer, more=more if joining is not None else None,
+            prefix_store=self.prefixes,
             do_sample=False, **self.generate_kwargs,
         )
         for batch in batches:  # decoding stopped at its own limits first (the model's max_length, say)
