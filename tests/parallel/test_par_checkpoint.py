@@ -21,6 +21,32 @@ def _start(args, log):
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _kill_workers(marker: str) -> None:
+    """SIGKILL every process whose command line names ``marker`` (this run's own folder), and wait until gone."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        os.kill(int(entry), signal.SIGKILL)
+                        pids.append(int(entry))
+            except (OSError, ProcessLookupError):
+                pass
+    deadline = time.time() + 30
+    while pids and time.time() < deadline:
+        pids = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid)]
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_model_dir, qwen3_tied_dir):
     ck, out = tmp_path / "ck", tmp_path / "out"
     out.mkdir()
@@ -36,6 +62,7 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, ti
             time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+        _kill_workers(str(out))  # torchrun starts its workers in sessions of their own: the kill above misses them
         proc.wait()
         log.close()
     assert (ck / "step-00000006.tmp").is_dir() and not (ck / "step-00000006").exists()
