@@ -26,6 +26,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from hfbridge.models.peft_adapters import is_quantized
 from hfbridge.optim import total_grad_norm
 from hfbridge.parallel import checkpoint as ckpt
 from hfbridge.parallel.mesh import MeshLayout, ParallelConfig, build_device_mesh, mesh_layout
@@ -103,7 +104,7 @@ class MeshParallelStrategy(ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
         path = Path(self.broadcast(str(filepath)))
-        shards = {"state_dict": checkpoint.pop("state_dict")}
+        shards = {"state_dict": checkpoint_model_state(self.model, checkpoint.pop("state_dict"))}
         for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
             shards[f"optimizer_{i}"] = state
         module = self.lightning_module
@@ -120,6 +121,7 @@ class MeshParallelStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Resume from a checkpoint folder (its newest complete step) or one ``step-N`` folder."""
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
             set_model_state_dict,
@@ -129,11 +131,13 @@ class MeshParallelStrategy(ModelParallelStrategy):
         path = ckpt.resolve_checkpoint(self.broadcast(str(checkpoint_path)))
         module = self.lightning_module
         ckpt.check_fingerprint(ckpt.read_meta(path).get("fingerprint", {}), ckpt.model_fingerprint(module.model), path)
-        shards = {"state_dict": get_model_state_dict(self.model)}
+        shards = {"state_dict": checkpoint_model_state(self.model, get_model_state_dict(self.model))}
         for i, optimizer in enumerate(self.optimizers):
             shards[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, optimizer)
         trainer_state, meta = ckpt.load_sharded(path, shards)
-        set_model_state_dict(self.model, shards["state_dict"])
+        # a 4-bit model's checkpoint holds what trains alone: its frozen packed base stays as loaded
+        set_model_state_dict(self.model, shards["state_dict"],
+                             options=StateDictOptions(strict=not _quantized(self.model)))
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, shards[f"optimizer_{i}"])
         position = meta.get("data_position")
@@ -145,6 +149,34 @@ class MeshParallelStrategy(ModelParallelStrategy):
                 log.warning("%s cannot skip to the saved data position; the epoch restarts", type(datamodule).__name__)
         log.info("resumed from %s (step %s)", path, meta.get("step"))
         return trainer_state
+
+
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def _quantized(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a LightningModule whose ``model`` is the network, or the network) is a 4/8-bit model."""
+    return is_quantized(model) or is_quantized(getattr(model, "model", None))
+
+
+def checkpoint_model_state(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``model``'s state dict ``state`` a checkpoint holds: all of it, but for a 4-bit (QLoRA) model
+    only the trainable parameters and buffers. Its packed base is frozen and rebuilt at load from the model the
+    run identity names, and bitsandbytes' quantization state, which the state dict carries beside each packed
+    weight, does not load back through ``load_state_dict``."""
+    if not _quantized(model):
+        return state
+
+    def canonical(name: str) -> str:
+        for wrapper in _WRAPPERS:
+            name = name.replace(wrapper, "")
+        return name
+
+    kept = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
+    if missing := sorted(kept - set(state)):
+        raise RuntimeError(f"the model's state dict has no entry for its trainable parameters {missing[:5]}")
+    kept |= {canonical(n) for n, _ in model.named_buffers()}
+    return {key: value for key, value in state.items() if key in kept}
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
