@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from hfbridge.serving.batcher import Batcher
-from hfbridge.serving.engine import Engine, Event, Row
+from hfbridge.serving.engine import Engine, Event, Row, TokenLogprob
 from hfbridge.serving.errors import APIError, bad_request
 from hfbridge.serving.model import ServedModel
 from hfbridge.serving.schemas import ChatRequest, CompletionRequest, parse_json, validate
@@ -221,7 +221,8 @@ async def start_rows(served: Served, req, prompts: list[list[int]]) -> Pending:
             raise bad_request(f"token ids must lie in [0, {served.engine.vocab_size})", param="prompt")
         max_tokens = resolve_tokens(req, prompt, served)
         rows += [Row(prompt, max_tokens, index=p * req.n + j, stops=req.stops, temperature=temperature,
-                     top_p=top_p, seed=req.seed, stream=req.stream, deadline=deadline) for j in range(req.n)]
+                     top_p=top_p, seed=req.seed, stream=req.stream, deadline=deadline, logprobs=req.top_k_logprobs,
+                     echo=getattr(req, "echo", False)) for j in range(req.n)]
     pending = Pending(rows, deadline)
     served.batcher.submit(rows)
     return pending
@@ -250,15 +251,20 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id, "choices": choices,
                 **extra}
 
-    def whole(self, ends: dict[int, Event], usage: dict) -> dict:
+    def whole(self, ends: dict[int, Event], usage: dict, rows: dict[int, Row], engine) -> dict:
         choices = []
         for index in sorted(ends):
-            end = ends[index]
+            end, row = ends[index], rows[index]
             choice = {"index": index, "logprobs": None, "finish_reason": _finish_reason(end.finish_reason)}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": end.text}
+                if row.logprobs is not None:
+                    choice["logprobs"] = {"content": _chat_logprobs(engine, row.token_logprobs), "refusal": None}
             else:
-                choice["text"] = end.text
+                echoed = engine.decode(row.prompt) if row.echo else ""
+                choice["text"] = echoed + end.text
+                if row.logprobs is not None:
+                    choice["logprobs"] = _completion_logprobs(engine, row)
             choices.append(choice)
         return self._object("chat.completion" if self.chat else "text_completion", choices, usage=usage)
 
@@ -274,6 +280,39 @@ class Reply:
 
     def usage_chunk(self, usage: dict) -> str:
         return sse(self._object("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage))
+
+
+def _chat_logprobs(engine, logprobs: list[TokenLogprob]) -> list[dict]:
+    """``choices[i].logprobs.content`` of a chat completion: each generated token, its log-probability and the
+    most likely tokens at its step (token texts with their UTF-8 bytes)."""
+    texts = engine.token_texts([t.token for t in logprobs] + [i for t in logprobs for i, _ in t.top])
+    named = dict(zip([t.token for t in logprobs] + [i for t in logprobs for i, _ in t.top], texts))
+
+    def entry(token: int, logprob: float) -> dict:
+        return {"token": named[token], "logprob": logprob, "bytes": list(named[token].encode("utf-8"))}
+
+    return [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in logprobs]
+
+
+def _completion_logprobs(engine, row: Row) -> dict:
+    """``choices[i].logprobs`` of a (legacy) completion: token texts, their log-probabilities, the most likely
+    tokens at each position, and where each token's text starts in ``text``. With ``echo`` the prompt tokens come
+    first, the first of them without a log-probability (nothing precedes it)."""
+    entries: list[tuple[int, float | None, list]] = []
+    if row.echo:
+        entries.append((row.prompt[0], None, []))
+        entries += [(t.token, t.logprob, t.top) for t in row.prompt_logprobs]
+    entries += [(t.token, t.logprob, t.top) for t in row.token_logprobs]
+    ids = [token for token, _, _ in entries]
+    texts = dict(zip(ids + [i for _, _, top in entries for i, _ in top],
+                     engine.token_texts(ids + [i for _, _, top in entries for i, _ in top])))
+    offsets, at = [], 0
+    for token in ids:
+        offsets.append(at)
+        at += len(texts[token])
+    return {"tokens": [texts[t] for t in ids], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if lp is None else {texts[i]: v for i, v in top} for _, lp, top in entries],
+            "text_offset": offsets}
 
 
 def sse(payload: dict | str) -> str:
@@ -301,7 +340,11 @@ async def answer(request: Request, served: Served, req, prompts: list[list[int]]
     finally:
         gone.cancel()
         pending.cancel()  # nothing, unless the request failed or timed out: then its rows stop decoding
-    return JSONResponse(reply.whole(ends, _usage(prompts, {i: e.tokens for i, e in ends.items()})))
+    usage = _usage(prompts, {i: e.tokens for i, e in ends.items()})
+    rows = {row.index: row for row in pending.rows}
+    if any(row.logprobs is not None or row.echo for row in rows.values()):  # token texts: tokenizer work
+        return JSONResponse(await served.in_pool(reply.whole, ends, usage, rows, served.engine))
+    return JSONResponse(reply.whole(ends, usage, rows, served.engine))
 
 
 async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], include_usage: bool):

@@ -167,6 +167,7 @@ class Batcher:
         def joining(decoding: int) -> list[Row]:
             new = self._joining(decoding)
             joined.extend(new)
+            self.rows_joined += len(new)
             return new
 
         try:
@@ -177,7 +178,6 @@ class Batcher:
                 row.fail(f"generation failed: {type(e).__name__}: {e}")
         self.batches += 1
         self.rows_done += len(rows) + len(joined)
-        self.rows_joined += len(joined)
 
     def _run_job(self, job: _Job) -> None:
         if time.monotonic() > job.deadline or not job.future.set_running_or_notify_cancel():

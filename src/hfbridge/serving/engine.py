@@ -55,12 +55,34 @@ class Event:
     tokens: int = 0
 
 
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (the raw distribution: before temperature or ``top_p``), and
+    the most likely tokens at its position with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """``TokenLogprob`` of each of ``tokens`` from the log-probabilities ``[len(tokens), vocab]`` (float32)."""
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    if k:
+        values, ids = logprobs.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens.tolist(), chosen, tops)]
+
+
 class Row:
     """One choice being generated: its prompt ids, limits and sampling settings, and what came of it so far."""
 
     def __init__(self, prompt: list[int], max_tokens: int, *, index: int = 0, stops: Sequence[str] = (),
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = False,
-                 deadline: float = math.inf, sink: Callable[[Event], None] | None = None):
+                 deadline: float = math.inf, sink: Callable[[Event], None] | None = None,
+                 logprobs: int | None = None, echo: bool = False):
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.index = index
@@ -77,6 +99,13 @@ class Row:
         self.finish_reason: str | None = None
         self.cancelled = False
         self._generator: torch.Generator | None = None
+        # log-probabilities: of each new token, and of the ``logprobs`` most likely tokens at its step (``None``:
+        # not asked); with ``echo``, the same for each prompt token after the first (the first has none)
+        self.logprobs = logprobs
+        self.echo = echo
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self._picked: TokenLogprob | None = None
 
     @property
     def finished(self) -> bool:
@@ -155,6 +184,11 @@ class Engine:
         with self.lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (special tokens included), as log-probabilities name them."""
+        with self.lock:
+            return [self.tokenizer.decode([t]) for t in ids]
+
     def run(self, rows: list[Row], joining: Callable[[int], list[Row]] | None = None) -> None:
         """Decode ``rows`` as one batch (one call of the decoding loop); every row ends with an ``end`` event.
 
@@ -164,8 +198,11 @@ class Engine:
 
         def more(decoding: int) -> list[tuple[list[int], int]]:
             new = joining(decoding) if joining is not None else []
+            self.score_prompts(new)
             batches[-1].order.extend(new)
             return [(r.prompt, r.max_tokens) for r in new]
+
+        self.score_prompts(rows)
 
         def steer(part: list[Row]) -> _Batch:
             batches.append(_Batch(self, part))
@@ -189,6 +226,20 @@ class Engine:
                     batch.finish(row, "length")
 
 
+    @torch.no_grad()
+    def score_prompts(self, rows: list[Row]) -> None:
+        """The log-probabilities of the prompt tokens of ``rows`` that echo them with ``logprobs``: one forward
+        per prompt (the ``[prompt, vocabulary]`` logits of a whole batch would not fit), in eval mode."""
+        device = next(self.model.parameters()).device
+        for row in rows:
+            if not (row.echo and row.logprobs is not None) or row.prompt_logprobs or len(row.prompt) < 2:
+                continue
+            ids = torch.tensor([row.prompt], device=device)
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            logits = out.logits[0, :-1].float()
+            row.prompt_logprobs = token_logprobs(torch.log_softmax(logits, -1), ids[0, 1:], row.logprobs)
+
+
 class _Batch(Steering):
     """The rows of one batch of the decoding loop, in the order of its batch rows: picks their tokens and says
     what each new token does to them."""
@@ -203,6 +254,9 @@ class _Batch(Steering):
             row = self.order[i]
             if row.sampled and not row.finished:
                 tokens[k] = row.sample(logits[k])
+            if row.logprobs is not None and not row.finished:
+                row._picked = token_logprobs(torch.log_softmax(logits[k : k + 1], -1), tokens[k : k + 1],
+                                             row.logprobs)[0]
         return tokens
 
     def advance(self, rows: list[int], tokens: list[int]) -> list[bool]:
@@ -217,6 +271,8 @@ class _Batch(Steering):
                 self.finish(row, "stop")
             else:
                 row.tokens.append(token)
+                if row._picked is not None:
+                    row.token_logprobs.append(row._picked)
                 self.scan(row)
                 if not row.finished and len(row.tokens) >= row.max_tokens:
                     self.finish(row, "length")

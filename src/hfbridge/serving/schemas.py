@@ -3,7 +3,7 @@ valid Unicode (a lone surrogate), an unknown role, or a feature this server does
 that names the field, never a 500.
 
 Fields OpenAI defines that change nothing here (``user``, ``metadata``, ``store``, ...) are accepted and ignored;
-fields whose meaning this server cannot honour (``logprobs``, ``tools``, penalties, ``echo``, ...) are refused.
+fields whose meaning this server cannot honour (``tools``, penalties, ``suffix``, ...) are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from hfbridge.serving.errors import bad_request
 
 MAX_DEPTH = 32  # JSON nesting: the deepest valid request is about 5 levels
 MAX_STOPS = 4  # as OpenAI
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its legacy completions API stops at 5)
 MAX_MESSAGES = 1024
 INT64 = 2**63
 
@@ -143,7 +144,6 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     # refused unless left at their defaults (see _unsupported)
-    logprobs: bool | int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -160,15 +160,22 @@ class _Sampling(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        refused = {"logprobs": self.logprobs not in (None, False, 0),
-                   "presence_penalty": self.presence_penalty not in (None, 0),
+        refused = {"presence_penalty": self.presence_penalty not in (None, 0),
                    "frequency_penalty": self.frequency_penalty not in (None, 0),
                    "logit_bias": bool(self.logit_bias)}
         refused.update(self._refused())
         for name, bad in refused.items():
             if bad:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
+        if self.stream and (self.top_k_logprobs is not None or getattr(self, "echo", False)):
+            raise ValueError("logprobs and echo are not supported with stream; ask for the whole answer")
         return self
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        """How many most likely tokens to report beside each chosen token's log-probability (``None``: no
+        log-probabilities asked)."""
+        return None
 
     def _refused(self) -> dict[str, bool]:
         return {}
@@ -185,15 +192,21 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list | None = None
     functions: list | None = None
     response_format: dict | None = None
 
     def _refused(self) -> dict[str, bool]:
-        return {"top_logprobs": self.top_logprobs not in (None, 0), "tools": bool(self.tools),
-                "functions": bool(self.functions),
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return {"tools": bool(self.tools), "functions": bool(self.functions),
                 "response_format": (self.response_format or {"type": "text"}).get("type") != "text"}
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_tokens(self) -> int | None:
@@ -202,6 +215,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[Text] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
     echo: bool = False
     suffix: Text | None = None
     best_of: int | None = None
@@ -219,7 +233,11 @@ class CompletionRequest(_Sampling):
         return value
 
     def _refused(self) -> dict[str, bool]:
-        return {"echo": self.echo, "suffix": bool(self.suffix), "best_of": self.best_of not in (None, 1, self.n)}
+        return {"suffix": bool(self.suffix), "best_of": self.best_of not in (None, 1, self.n)}
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompts(self) -> list[str | list[int]]:
