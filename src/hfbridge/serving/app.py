@@ -310,8 +310,14 @@ def _completion_logprobs(engine, row: Row) -> dict:
     for token in ids:
         offsets.append(at)
         at += len(texts[token])
+    def ranked(top: list[tuple[int, float]]) -> dict[str, float]:
+        named: dict[str, float] = {}
+        for i, value in top:  # most likely first: tokens of the same text (partial bytes) keep the likelier
+            named.setdefault(texts[i], value)
+        return named
+
     return {"tokens": [texts[t] for t in ids], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [None if lp is None else {texts[i]: v for i, v in top} for _, lp, top in entries],
+            "top_logprobs": [None if lp is None else ranked(top) for _, lp, top in entries],
             "text_offset": offsets}
 
 
