@@ -1,7 +1,9 @@
 """Log-probabilities from the server: chat ``logprobs``/``top_logprobs`` and completions ``logprobs`` with
 ``echo``, each checked against the model's own forward over prompt and answer (an independent path: one full
 forward, no KV cache), and lm-evaluation-harness's ``local-completions`` model pointed at the server scoring a
-multiple-choice task with the log-likelihoods, and accuracy, of lm-eval's in-process ``hf`` model."""
+multiple-choice task with the log-likelihoods, and accuracy, of lm-eval's in-process ``hf`` model: with the
+model's tokenizer given to lm-eval, and with the server's own (``/tokenizer_info``, ``/tokenize``,
+``/detokenize``, which these tests also check against the tokenizer)."""
 
 import math
 
@@ -93,7 +95,36 @@ def test_sampled_rows_report_the_models_distribution(server):
         ids.append(token)
 
 
-def test_lm_eval_local_completions_against_the_server_matches_lm_eval_in_process(server, tiny_model_dir):
+def test_tokenize_and_detokenize_are_the_tokenizers(server):
+    engine = served(server).engine
+    tokenizer = engine.tokenizer
+    text = "Date: May 1, 1999\nISO: 1999-05-01"
+    for special in (True, False):
+        status, body = post(server, "/tokenize", {"prompt": text, "add_special_tokens": special})
+        assert status == 200 and body["tokens"] == tokenizer(text, add_special_tokens=special)["input_ids"]
+        assert body["count"] == len(body["tokens"]) and body["max_model_len"] == engine.context
+    status, body = post(server, "/tokenize", {"messages": CHAT})
+    assert status == 200 and body["tokens"] == prompt_ids(tokenizer, CHAT)  # as the chat endpoint renders it
+    status, back = post(server, "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["prompt"] == tokenizer.decode(body["tokens"])
+    status, info = raw_get(server, "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == tokenizer.eos_token and info["chat_template"]
+    for path, payload, message in [("/tokenize", {}, "either prompt"), ("/tokenize", {"prompt": "a", "messages": CHAT},
+                                   "either prompt"), ("/detokenize", {"tokens": [10**7]}, "must lie in"),
+                                   ("/detokenize", {"tokens": "a"}, "tokens"),
+                                   ("/tokenize", {"prompt": "a", "model": "other"}, "not served here")]:
+        status, body = post(server, path, payload)
+        assert status in (400, 404) and message in body["error"]["message"], (path, payload, body)
+
+
+def raw_get(server, path):
+    from serve_helpers import raw
+
+    return raw(server, "GET", path)
+
+
+@pytest.mark.parametrize("tokenizer", ["local", "remote"])
+def test_lm_eval_local_completions_against_the_server_matches_lm_eval_in_process(server, tiny_model_dir, tokenizer):
     """lm-eval's OpenAI-compatible ``local-completions`` model (echo + logprobs, what it sends for
     log-likelihood) through the server gives each choice's log-likelihood and is-greedy flag, and the accuracy,
     that lm-eval's ``hf`` model gives in the same process."""
@@ -107,8 +138,9 @@ def test_lm_eval_local_completions_against_the_server_matches_lm_eval_in_process
     common = {"tasks": ["hfbridge_dates_mc"], "task_manager": manager, "limit": 5, "log_samples": True}
     through = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args=f"base_url={server.url}/v1/completions,model={MODEL_ID},tokenizer={tiny_model_dir},"
-                   "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1",
+        model_args=f"base_url={server.url}/v1/completions,model={MODEL_ID},tokenized_requests=True,"
+                   "num_concurrent=1,max_retries=1," + (f"tokenizer={tiny_model_dir},tokenizer_backend=huggingface"
+                                                         if tokenizer == "local" else "tokenizer_backend=remote"),
         **common)
     direct = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32",
                                      batch_size=1, device="cpu", **common)
@@ -118,7 +150,7 @@ def test_lm_eval_local_completions_against_the_server_matches_lm_eval_in_process
         assert [r[0] for r in x["filtered_resps"]] == pytest.approx([r[0] for r in y["filtered_resps"]], abs=1e-4)
         assert [r[1] for r in x["filtered_resps"]] == [r[1] for r in y["filtered_resps"]]
     diff = max(abs(r[0] - q[0]) for x, y in zip(a, b) for r, q in zip(x["filtered_resps"], y["filtered_resps"]))
-    print(f"lm-eval local-completions through the server against lm-eval's hf model: {len(a)} questions x 4 "
+    print(f"lm-eval local-completions ({tokenizer} tokenizer) through the server against lm-eval's hf model: {len(a)} questions x 4 "
           f"choices, max log-likelihood difference {diff:.1e}, acc {through['results']['hfbridge_dates_mc']['acc,none']}"
           f" against {direct['results']['hfbridge_dates_mc']['acc,none']}")
     assert through["results"]["hfbridge_dates_mc"]["acc,none"] == direct["results"]["hfbridge_dates_mc"]["acc,none"]

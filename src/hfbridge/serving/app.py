@@ -33,7 +33,14 @@ from hfbridge.serving.batcher import Batcher
 from hfbridge.serving.engine import Engine, Event, Row, TokenLogprob
 from hfbridge.serving.errors import APIError, bad_request
 from hfbridge.serving.model import ServedModel
-from hfbridge.serving.schemas import ChatRequest, CompletionRequest, parse_json, validate
+from hfbridge.serving.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_json,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +208,15 @@ def check_request(served: Served, req, n_prompts: int = 1):
     if n_prompts * req.n > settings.max_batch_size:
         raise bad_request(f"{n_prompts} prompts x n={req.n} is more than {settings.max_batch_size} choices in "
                           "one request", param="n")
+    check_model_name(served, req)
+    return req
+
+
+def check_model_name(served: Served, req) -> None:
+    """A request naming a model must name the served one (else 404)."""
     if req.model is not None and req.model != served.model_id:
         raise APIError(404, f"the model {req.model!r} is not served here; this server serves "
                             f"{served.model_id!r}", param="model", code="model_not_found")
-    return req
 
 
 async def start_rows(served: Served, req, prompts: list[list[int]]) -> Pending:
@@ -441,6 +453,31 @@ def build_app(served_model: ServedModel, settings: ServeSettings | None = None) 
         check_request(served, req, len(req.prompts))
         prompts = [p if isinstance(p, list) else await served.in_pool(served.engine.encode, p) for p in req.prompts]
         return await answer(request, served, req, prompts, chat=False)
+
+    @app.get("/tokenizer_info", dependencies=keyed)
+    async def tokenizer_info():
+        return served.engine.tokenizer_info()
+
+    @app.post("/tokenize", dependencies=keyed)
+    async def tokenize(request: Request):
+        req = validate(TokenizeRequest, await read_json(request, settings))
+        check_model_name(served, req)
+        if req.messages is not None:
+            if not served.engine.has_chat_template:
+                raise bad_request("this model's tokenizer has no chat template; tokenize a prompt",
+                                  param="messages")
+            tokens = await served.in_pool(served.engine.encode, [m.as_dict() for m in req.messages])
+        else:
+            tokens = await served.in_pool(served.engine.tokenize, req.prompt, req.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": served.engine.context}
+
+    @app.post("/detokenize", dependencies=keyed)
+    async def detokenize(request: Request):
+        req = validate(DetokenizeRequest, await read_json(request, settings))
+        check_model_name(served, req)
+        if any(not 0 <= t < served.engine.vocab_size for t in req.tokens):
+            raise bad_request(f"token ids must lie in [0, {served.engine.vocab_size})", param="tokens")
+        return {"prompt": await served.in_pool(served.engine.decode, req.tokens, False)}
 
     @app.post("/predict", dependencies=keyed)
     async def predict(request: Request):

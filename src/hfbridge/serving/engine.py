@@ -180,9 +180,21 @@ class Engine:
         with self.lock:
             return prompt_ids(self.tokenizer, prompt)
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         with self.lock:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+            return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids of ``text`` as they are (no template), with or without its special tokens."""
+        with self.lock:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def tokenizer_info(self) -> dict:
+        """The special tokens and chat template (what lm-eval's remote tokenizer reads)."""
+        t = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        return {"eos_token": t.eos_token, "bos_token": t.bos_token, "pad_token": t.pad_token,
+                "chat_template": getattr(t, "chat_template", None), "model_max_length": self.context,
+                "vocab_size": self.vocab_size}
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (special tokens included), as log-probabilities name them."""

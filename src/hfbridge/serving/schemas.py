@@ -254,3 +254,24 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (as vLLM's, which lm-eval's remote tokenizer speaks): a text's token ids, or a chat's
+    as ``/v1/chat/completions`` renders it."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt (a text) or messages (a chat)")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize``: the text of token ids."""
+
+    model: Text | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
