@@ -19,8 +19,11 @@ number of decoding batches, and the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,16 +41,53 @@ def conversations(n: int) -> list[list[dict]]:
 
 
 def served_model(name: str):
+    """The served model and its Hugging Face folder (what the baseline server loads)."""
+    from hfbridge.models.loading import resolve_model_path
     from hfbridge.serving import ServedModel, open_served_model
 
     if name != "tiny":
-        return open_served_model(name, device="cpu")
+        return open_served_model(name, device="cpu"), resolve_model_path(name)
     from hfbridge.models.loading import load_for_inference
     from hfbridge.testing import build_tiny_causal_lm
 
     folder = build_tiny_causal_lm(tempfile.mkdtemp(prefix="tiny-serve-"), "llama")
     model, tokenizer = load_for_inference(folder)
-    return ServedModel(model, tokenizer, "tiny")
+    return ServedModel(model, tokenizer, "tiny"), folder
+
+
+@contextlib.contextmanager
+def transformers_serve(folder, continuous: bool, port: int = 8731):
+    """``transformers serve`` of ``folder`` on 127.0.0.1 (float32 on the CPU, as hfbridge serves it), in its own
+    process; stopped after."""
+    import shutil
+    import signal
+    import urllib.request
+
+    exe = shutil.which("transformers", path=os.path.dirname(sys.executable)) or shutil.which("transformers")
+    cmd = [exe, "serve", str(folder), "--port", str(port), "--device", "cpu", "--dtype", "float32",
+           "--continuous-batching" if continuous else "--no-continuous-batching"]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    raise RuntimeError("transformers serve did not start:\n" + log.read().decode()[-3000:]) from None
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run(client, model_id: str, prompts: list, max_tokens, clients: int, spacing_s: float = 0.0) -> dict:
@@ -82,7 +122,7 @@ def bench(name: str, args) -> None:
     from hfbridge.serving import ServeSettings, start_server
 
     t0 = time.perf_counter()
-    served = served_model(name)
+    served, folder = served_model(name)
     print(f"\n== {name}: loaded in {time.perf_counter() - t0:.1f}s")
     settings = ServeSettings(max_batch_size=args.clients, batch_wait_ms=args.batch_wait_ms,
                              max_new_tokens=args.max_tokens)
@@ -108,6 +148,17 @@ def bench(name: str, args) -> None:
             arrivals[mode] = run(client, served.model_id, prompts, limits, args.clients, args.arrival_ms / 1000)
             arrivals[mode]["calls"] = engine.generate_calls - calls
         engine.fast_greedy, batcher.continuous = True, True
+    baseline = {}
+    if args.baseline:  # transformers' own OpenAI-compatible server, its default and its continuous batching
+        del server, engine, batcher
+        for continuous in (False, True):
+            with transformers_serve(folder, continuous) as url, \
+                    openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600) as client:
+                run(client, str(folder), prompts[:2], 4, 1)  # warm-up (and the model loaded)
+                label = "transformers serve" + (" --continuous-batching" if continuous else "")
+                baseline[label] = {"burst": run(client, str(folder), prompts, args.max_tokens, args.clients),
+                                   "arrivals": run(client, str(folder), prompts, limits, args.clients,
+                                                   args.arrival_ms / 1000)}
     same = len({tuple(r["texts"]) for r in rows.values()}) == 1
     print("burst: every request at once")
     for mode, r in rows.items():
@@ -127,6 +178,14 @@ def bench(name: str, args) -> None:
         print(f"continuous against {mode}: {ref['tok_s'] / arrivals[mode]['tok_s']:.2f}x tok/s, mean latency "
               f"{ref['mean_s'] / arrivals[mode]['mean_s']:.2f}x")
     print(f"same answers all three ways: {len({tuple(r['texts']) for r in arrivals.values()}) == 1}")
+    for label, r in baseline.items():
+        ours = {"burst": rows["concurrent"], "arrivals": arrivals["continuous"]}
+        for scenario, b in r.items():
+            equal = sum(x == y for x, y in zip(b["texts"], ours[scenario]["texts"]))
+            print(f"{label:>38} ({scenario}): {b['tokens']:5d} tokens in {b['wall_s']:6.2f}s = {b['tok_s']:7.1f} "
+                  f"tok/s, latency mean {b['mean_s']:.2f}s, p90 {b['p90_s']:.2f}s; hfbridge "
+                  f"{ours[scenario]['tok_s'] / b['tok_s']:.2f}x its tok/s at {ours[scenario]['mean_s'] / b['mean_s']:.2f}x"
+                  f" its mean latency; {equal}/{len(b['texts'])} answers equal to hfbridge's")
 
 
 def main() -> None:
@@ -137,6 +196,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--arrival-ms", type=float, default=100.0, help="spacing of the arrivals scenario's requests")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip `transformers serve` (with and without its continuous batching)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     args = parser.parse_args()
     import torch
