@@ -141,15 +141,25 @@ def greedy_fast_path(model, generate_kwargs: dict, max_length: int):
     layer_types = getattr(text, "layer_types", None) or ["full_attention"]
     if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
         return None
-    window = getattr(text, "sliding_window", None)
-    windowed = "sliding_attention" in layer_types or (window is not None and getattr(text, "use_sliding_window", True))
-    if windowed and (window is None or max_length > window):
+    window = sliding_window(module)
+    if window is not None and max_length > window:
         return None
     generation = getattr(module, "generation_config", None)
     for key, neutral in _NEUTRAL_GENERATION.items():
         if generation is not None and getattr(generation, key, None) not in neutral:
             return None
     return module
+
+
+def sliding_window(module) -> int | None:
+    """The sliding window of ``module``'s attention (0 when windowed with no size given), or ``None``."""
+    config = module.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"]
+    window = getattr(text, "sliding_window", None)
+    if "sliding_attention" in layer_types or (window is not None and getattr(text, "use_sliding_window", True)):
+        return window if window is not None else 0
+    return None
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -535,10 +545,12 @@ def generate_batched(
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_inputs([items[i] for i in idx]).items()}
             prompts = _left_padded_rows(inputs) if fast is not None else None
             steering = steer([items[i] for i in idx]) if steer is not None else None
+            # rows join the last batch only under full attention: a joining row's length is not known here
+            joinable = start + batch_size >= len(order) and fast is not None and sliding_window(fast) is None
             if prompts is not None:
                 new = greedy_decode(fast, prompts, max_new_tokens=max_new_tokens, stops=stops,
                                     pad_token_id=generate_kwargs["pad_token_id"], prefix_store=store,
-                                    steering=steering, more=more if start + batch_size >= len(order) else None)
+                                    steering=steering, more=more if joinable else None)
             else:
                 steered = _steered_generate(steering) if steering is not None else {}
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs, **steered)

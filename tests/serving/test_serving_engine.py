@@ -131,3 +131,22 @@ def test_the_shared_system_prompt_is_kept_across_batches(engine, monkeypatch):
     later = decode(engine, [(chats[2], 6, {})], fast=True)
     assert starts[0] == shared and 0 not in starts  # nothing recomputed from the first slot
     assert later == decode(engine, [(chats[2], 6, {})], fast=False)
+
+
+def test_no_row_joins_a_model_with_a_sliding_window(tmp_path, tiny_tokenizer, monkeypatch):
+    """A joining row's length is not known when the fast path is chosen for the batch, and the fast loop is
+    exact only within the window: under a sliding window nothing joins (the batch still runs the fast loop)."""
+    from hfbridge.models.loading import load_for_inference
+    from hfbridge.testing import build_tiny_causal_lm
+
+    folder = build_tiny_causal_lm(tmp_path / "mistral", "mistral", tokenizer=tiny_tokenizer, sliding_window=128)
+    model, tokenizer = load_for_inference(folder)
+    engine = Engine(model, tokenizer)
+    assert generation.sliding_window(model) == 128
+    asked = []
+    decodes = []
+    original = generation.greedy_decode
+    monkeypatch.setattr(generation, "greedy_decode", lambda *a, **k: decodes.append(k["more"]) or original(*a, **k))
+    row = Row(engine.encode(CHAT), 4)
+    engine.run([row], joining=lambda decoding: asked.append(decoding) or [])
+    assert decodes == [None] and asked == [] and len(row.tokens) == 4
