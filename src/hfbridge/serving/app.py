@@ -225,6 +225,9 @@ async def start_rows(served: Served, req, prompts: list[list[int]]) -> Pending:
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 0.0)
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
     deadline = time.monotonic() + settings.request_timeout
+    biases = req.biases
+    if any(not 0 <= t < served.engine.vocab_size for t in biases):
+        raise bad_request(f"logit_bias token ids must lie in [0, {served.engine.vocab_size})", param="logit_bias")
     rows = []
     for p, prompt in enumerate(prompts):
         if not prompt:
@@ -234,7 +237,8 @@ async def start_rows(served: Served, req, prompts: list[list[int]]) -> Pending:
         max_tokens = resolve_tokens(req, prompt, served)
         rows += [Row(prompt, max_tokens, index=p * req.n + j, stops=req.stops, temperature=temperature,
                      top_p=top_p, seed=req.seed, stream=req.stream, deadline=deadline, logprobs=req.top_k_logprobs,
-                     echo=getattr(req, "echo", False)) for j in range(req.n)]
+                     echo=getattr(req, "echo", False), presence_penalty=req.presence_penalty or 0.0,
+                     frequency_penalty=req.frequency_penalty or 0.0, logit_bias=biases) for j in range(req.n)]
     pending = Pending(rows, deadline)
     served.batcher.submit(rows)
     return pending

@@ -82,7 +82,8 @@ class Row:
     def __init__(self, prompt: list[int], max_tokens: int, *, index: int = 0, stops: Sequence[str] = (),
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = False,
                  deadline: float = math.inf, sink: Callable[[Event], None] | None = None,
-                 logprobs: int | None = None, echo: bool = False):
+                 logprobs: int | None = None, echo: bool = False, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None):
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.index = index
@@ -103,6 +104,11 @@ class Row:
         # not asked); with ``echo``, the same for each prompt token after the first (the first has none)
         self.logprobs = logprobs
         self.echo = echo
+        # OpenAI's adjustments of the logits before choosing: minus presence_penalty for every token the answer
+        # holds, minus frequency_penalty times how often, plus each token's logit_bias
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+        self.logit_bias = dict(logit_bias or {})
         self.token_logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] = []
         self._picked: TokenLogprob | None = None
@@ -127,6 +133,22 @@ class Row:
         if not self.finished:
             self.finish_reason = "error"
             self.emit(Event("error", self.index, text=message))
+
+    @property
+    def adjusted(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """This row's logits (one row's, float32) with its penalties and biases applied (a new tensor)."""
+        logits = logits.clone()
+        if self.logit_bias:
+            ids = torch.tensor(list(self.logit_bias), device=logits.device)
+            logits[ids] += torch.tensor(list(self.logit_bias.values()), device=logits.device)
+        if self.tokens and (self.presence_penalty or self.frequency_penalty):
+            counts = torch.bincount(torch.tensor(self.tokens, device=logits.device), minlength=logits.shape[0])
+            counts = counts[: logits.shape[0]].to(logits.dtype)
+            logits -= counts * self.frequency_penalty + (counts > 0).to(logits.dtype) * self.presence_penalty
+        return logits
 
     def sample(self, scores: torch.Tensor) -> int:
         """A token drawn from ``scores`` (one row's logits) with this row's temperature, top_p and generator."""
@@ -264,8 +286,13 @@ class _Batch(Steering):
         tokens = logits.argmax(-1)
         for k, i in enumerate(rows):
             row = self.order[i]
-            if row.sampled and not row.finished:
-                tokens[k] = row.sample(logits[k])
+            if row.finished:
+                continue
+            scores = row.adjust(logits[k]) if row.adjusted else logits[k]
+            if row.sampled:
+                tokens[k] = row.sample(scores)
+            elif row.adjusted:
+                tokens[k] = scores.argmax()
             if row.logprobs is not None and not row.finished:
                 row._picked = token_logprobs(torch.log_softmax(logits[k : k + 1], -1), tokens[k : k + 1],
                                              row.logprobs)[0]

@@ -3,7 +3,7 @@ valid Unicode (a lone surrogate), an unknown role, or a feature this server does
 that names the field, never a 500.
 
 Fields OpenAI defines that change nothing here (``user``, ``metadata``, ``store``, ...) are accepted and ignored;
-fields whose meaning this server cannot honour (``tools``, penalties, ``suffix``, ...) are refused.
+fields whose meaning this server cannot honour (``tools``, ``response_format`` JSON, ``suffix``, ...) are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from hfbridge.serving.errors import bad_request
 MAX_DEPTH = 32  # JSON nesting: the deepest valid request is about 5 levels
 MAX_STOPS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its legacy completions API stops at 5)
+MAX_LOGIT_BIAS = 300  # tokens one request may bias, as OpenAI
 MAX_MESSAGES = 1024
 INT64 = 2**63
 
@@ -143,10 +144,24 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    # refused unless left at their defaults (see _unsupported)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100], got {bias} for token {key}")
+        return value
+
+    @property
+    def biases(self) -> dict[int, float]:
+        """``logit_bias`` by token id."""
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -160,10 +175,7 @@ class _Sampling(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        refused = {"presence_penalty": self.presence_penalty not in (None, 0),
-                   "frequency_penalty": self.frequency_penalty not in (None, 0),
-                   "logit_bias": bool(self.logit_bias)}
-        refused.update(self._refused())
+        refused = self._refused()
         for name, bad in refused.items():
             if bad:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
