@@ -58,7 +58,6 @@ MALFORMED = [
     (CHAT, _body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
     (CHAT, _body(stop=[""]), 400, "must not be empty"),
     (CHAT, _body(seed=2**70), 400, "seed"),
-    (CHAT, _body(logprobs=True, stream=True), 400, "not supported with stream"),
     (CHAT, _body(top_logprobs=3), 400, "top_logprobs needs logprobs: true"),
     (CHAT, _body(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
     (CHAT, _body(logprobs=1), 400, "logprobs"),

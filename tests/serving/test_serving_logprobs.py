@@ -5,6 +5,7 @@ multiple-choice task with the log-likelihoods, and accuracy, of lm-eval's in-pro
 model's tokenizer given to lm-eval, and with the server's own (``/tokenizer_info``, ``/tokenize``,
 ``/detokenize``, which these tests also check against the tokenizer)."""
 
+import json
 import math
 
 import pytest
@@ -51,6 +52,37 @@ def _token_ids(engine, text: str) -> list[int]:
     """The ids whose own text is ``text`` (several for bytes that are not a whole character)."""
     texts = engine.token_texts(range(engine.vocab_size))
     return [i for i, t in enumerate(texts) if t == text]
+
+
+@pytest.mark.parametrize("stop", [None, "e"])
+def test_streamed_logprobs_add_up_to_the_whole_answers(server, client, stop):
+    """Each streamed chunk carries the log-probabilities of the tokens its text completes; together they are the
+    whole answer's (chat and completions, also when a stop string cuts the text)."""
+    kwargs = {"max_tokens": 10, "temperature": 0, "stop": stop}
+    whole = client.chat.completions.create(model=MODEL_ID, messages=CHAT, logprobs=True, top_logprobs=2, **kwargs)
+    pieces, text = [], ""
+    for chunk in client.chat.completions.create(model=MODEL_ID, messages=CHAT, logprobs=True, top_logprobs=2,
+                                                stream=True, **kwargs):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None:
+                pieces += choice.logprobs.content or []
+    assert text == whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == ("stop" if stop else "length")
+    assert [(p.token, p.logprob, [t.logprob for t in p.top_logprobs]) for p in pieces] == \
+        [(p.token, p.logprob, [t.logprob for t in p.top_logprobs]) for p in whole.choices[0].logprobs.content]
+
+    body = {"prompt": [5, 17, 42, 9], "max_tokens": 10, "temperature": 0, "logprobs": 1, "stop": stop}
+    status, plain = post(server, "/v1/completions", body)
+    status, streamed = post(server, "/v1/completions", {**body, "stream": True})
+    assert status == 200
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for line in streamed.splitlines():
+        if line.startswith("data: {"):
+            logprobs = json.loads(line[6:])["choices"][0]["logprobs"]
+            for key in merged if logprobs else ():
+                merged[key] += logprobs[key]
+    assert merged == plain["choices"][0]["logprobs"]
 
 
 def test_completion_echo_gives_every_prompt_token_its_logprob(server):

@@ -285,8 +285,10 @@ class Reply:
         return self._object("chat.completion" if self.chat else "text_completion", choices, usage=usage)
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False) -> str:
+              role: bool = False, logprobs: dict | list | None = None) -> str:
         choice: dict = {"index": index, "logprobs": None, "finish_reason": finish_reason}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs, "refusal": None} if self.chat else logprobs
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
             choice["delta"] = delta
@@ -318,11 +320,15 @@ def _completion_logprobs(engine, row: Row) -> dict:
     if row.echo:
         entries.append((row.prompt[0], None, []))
         entries += [(t.token, t.logprob, t.top) for t in row.prompt_logprobs]
-    entries += [(t.token, t.logprob, t.top) for t in row.token_logprobs]
+    return _legacy_logprobs(engine, entries + [(t.token, t.logprob, t.top) for t in row.token_logprobs])
+
+
+def _legacy_logprobs(engine, entries: list[tuple[int, float | None, list]], start: int = 0) -> dict:
+    """OpenAI's legacy ``logprobs`` object of ``(token, logprob, top)`` entries, text offsets from ``start``."""
     ids = [token for token, _, _ in entries]
     texts = dict(zip(ids + [i for _, _, top in entries for i, _ in top],
                      engine.token_texts(ids + [i for _, _, top in entries for i, _ in top])))
-    offsets, at = [], 0
+    offsets, at = [], start
     for token in ids:
         offsets.append(at)
         at += len(texts[token])
@@ -346,7 +352,8 @@ async def answer(request: Request, served: Served, req, prompts: list[list[int]]
     pending = await start_rows(served, req, prompts)
     reply = Reply(chat, served.model_id)
     if req.stream:
-        return StreamingResponse(stream(pending, reply, prompts, req.include_usage), media_type="text/event-stream",
+        return StreamingResponse(stream(pending, reply, prompts, req.include_usage, served),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     gone = asyncio.ensure_future(_disconnect(request))
     ends: dict[int, Event] = {}
@@ -369,11 +376,25 @@ async def answer(request: Request, served: Served, req, prompts: list[list[int]]
     return JSONResponse(reply.whole(ends, usage, rows, served.engine))
 
 
-async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], include_usage: bool):
-    """Server-sent events: a role chunk per choice (chat), text chunks as tokens come, a last chunk with the
-    finish reason, the usage chunk when asked (``stream_options.include_usage``), then ``[DONE]``. When the client
-    goes away, Starlette cancels this generator and the request's rows stop decoding."""
+async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], include_usage: bool, served: Served):
+    """Server-sent events: a role chunk per choice (chat), text chunks as tokens come (with ``logprobs``, each
+    carries the log-probabilities of the tokens its text completes), a last chunk with the finish reason, the usage
+    chunk when asked (``stream_options.include_usage``), then ``[DONE]``. When the client goes away, Starlette
+    cancels this generator and the request's rows stop decoding."""
     counts: dict[int, int] = {}
+    offsets: dict[int, int] = {}
+
+    async def shaped(event: Event):
+        """The event's log-probabilities as the chunk carries them (token texts: tokenizer work, off the loop)."""
+        if event.logprobs is None:
+            return None
+        if reply.chat:
+            return await served.in_pool(_chat_logprobs, served.engine, event.logprobs)
+        entries = [(t.token, t.logprob, t.top) for t in event.logprobs]
+        shaped = await served.in_pool(_legacy_logprobs, served.engine, entries, offsets.get(event.index, 0))
+        offsets[event.index] = offsets.get(event.index, 0) + sum(len(t) for t in shaped["tokens"])
+        return shaped
+
     try:
         if reply.chat:
             for row in pending.rows:
@@ -385,10 +406,11 @@ async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], inclu
                 yield sse(e.body())
                 break
             if event.kind == "delta":
-                yield reply.chunk(event.index, event.text)
+                yield reply.chunk(event.index, event.text, logprobs=await shaped(event))
             elif event.kind == "end":
                 counts[event.index] = event.tokens
-                yield reply.chunk(event.index, finish_reason=_finish_reason(event.finish_reason))
+                yield reply.chunk(event.index, finish_reason=_finish_reason(event.finish_reason),
+                                  logprobs=await shaped(event) if event.logprobs else None)
             else:
                 yield sse(APIError(500, event.text, code="generation_failed").body())
                 break

@@ -53,6 +53,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     tokens: int = 0
+    logprobs: list | None = None  # streamed with ``logprobs``: the tokens' TokenLogprob not streamed before
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Row:
         self.logit_bias = dict(logit_bias or {})
         self.token_logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] = []
+        self.logprobs_sent = 0  # how many of token_logprobs were streamed
         self._picked: TokenLogprob | None = None
 
     @property
@@ -331,13 +333,22 @@ class _Batch(Steering):
         if row.stream:
             safe = stable_prefix(text, row.stops)
             if len(safe) > len(row.sent) and safe.startswith(row.sent):
-                row.emit(Event("delta", row.index, text=safe[len(row.sent):]))
+                row.emit(Event("delta", row.index, text=safe[len(row.sent):], logprobs=self.unsent(row)))
                 row.sent = safe
+
+    @staticmethod
+    def unsent(row: Row) -> list[TokenLogprob] | None:
+        """A streaming row's log-probabilities not streamed yet (``None`` when it asked for none)."""
+        if row.logprobs is None:
+            return None
+        new, row.logprobs_sent = row.token_logprobs[row.logprobs_sent:], len(row.token_logprobs)
+        return new
 
     def finish(self, row: Row, reason: str, text: str | None = None) -> None:
         final = self.engine.decode(row.tokens) if text is None else text
         if row.stream and len(final) > len(row.sent) and final.startswith(row.sent):
-            row.emit(Event("delta", row.index, text=final[len(row.sent):]))
+            row.emit(Event("delta", row.index, text=final[len(row.sent):], logprobs=self.unsent(row)))
             row.sent = final
         row.text, row.finish_reason = final, reason
-        row.emit(Event("end", row.index, text=final, finish_reason=reason, tokens=len(row.tokens)))
+        rest = self.unsent(row) if row.stream else None  # tokens whose text a stop string cut, say
+        row.emit(Event("end", row.index, text=final, finish_reason=reason, tokens=len(row.tokens), logprobs=rest))

@@ -179,8 +179,8 @@ class _Sampling(_Strict):
         for name, bad in refused.items():
             if bad:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
-        if self.stream and (self.top_k_logprobs is not None or getattr(self, "echo", False)):
-            raise ValueError("logprobs and echo are not supported with stream; ask for the whole answer")
+        if self.stream and getattr(self, "echo", False):
+            raise ValueError("echo is not supported with stream; ask for the whole answer")
         return self
 
     @property
