@@ -271,9 +271,11 @@ class Engine:
             if not (row.echo and row.logprobs is not None) or row.prompt_logprobs or len(row.prompt) < 2:
                 continue
             ids = torch.tensor([row.prompt], device=device)
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            logits = out.logits[0, :-1].float()
-            row.prompt_logprobs = token_logprobs(torch.log_softmax(logits, -1), ids[0, 1:], row.logprobs)
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
+            targets = ids[0, 1:]
+            for start in range(0, len(targets), 512):  # float32 log-probabilities a chunk of positions at a time
+                chunk = torch.log_softmax(logits[start : start + 512].float(), -1)
+                row.prompt_logprobs += token_logprobs(chunk, targets[start : start + 512], row.logprobs)
 
 
 class _Batch(Steering):
