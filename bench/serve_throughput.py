@@ -5,7 +5,9 @@
   ``model.generate`` (what the server did before its batches were steered through hfbridge's fast greedy loop);
 * arrivals: requests of mixed lengths (``max_tokens`` cycling 64, 8, 32, 16) sent one every ``--arrival-ms``,
   served with continuous batching (a request joins the running batch between steps), batch after batch
-  (``--no-continuous-batching``), and batch after batch through ``model.generate``.
+  (``--no-continuous-batching``), and batch after batch through ``model.generate``;
+* the baseline a user would pick instead: ``transformers serve`` of the same model folder (float32 on the CPU) with
+  its defaults and with ``--continuous-batching``, given the same burst and arrivals (``--no-baseline`` skips it).
 
     .venv/bin/python bench/serve_throughput.py                         # tiny random Llama, then embedded SmolLM2
     .venv/bin/python bench/serve_throughput.py --models tiny --clients 16 --max-tokens 64
