@@ -37,7 +37,7 @@ def raw(server, method: str, path: str, body: bytes | None = None, headers: dict
         conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
         data = response.read()
-        if response.getheader("content-type", "").startswith("text/event-stream"):
+        if response.getheader("content-type", "").startswith(("text/event-stream", "text/plain")):
             return response.status, data.decode()
         return response.status, json.loads(data or b"null")
     finally:

@@ -4,7 +4,8 @@
 * ``POST /v1/chat/completions`` (messages rendered with the chat template exactly as training renders them) and
   ``POST /v1/completions`` (a prompt string rendered as the ``prompt_completion`` format does, or token ids),
   with ``stream: true`` as server-sent events in OpenAI's chunk format;
-* ``POST /predict`` for a declarative LLM.
+* ``POST /predict`` for a declarative LLM;
+* ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize``, and ``GET /metrics`` (Prometheus' format).
 
 Every request is read with a size limit and a time limit, parsed and checked (:mod:`hfbridge.serving.schemas`)
 before it reaches the model; errors are JSON in OpenAI's shape. The event loop only waits: prompts are encoded by
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException
 from hfbridge.serving.batcher import Batcher
 from hfbridge.serving.engine import Engine, Event, Row, TokenLogprob
 from hfbridge.serving.errors import APIError, bad_request
+from hfbridge.serving.metrics import Metrics, MetricsMiddleware
 from hfbridge.serving.model import ServedModel
 from hfbridge.serving.schemas import (
     ChatRequest,
@@ -75,6 +77,7 @@ class Served:
                                window_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
                                continuous=settings.continuous_batching)
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="hfbridge-worker")
+        self.metrics = Metrics()
 
     @property
     def model_id(self) -> str:
@@ -370,6 +373,7 @@ async def answer(request: Request, served: Served, req, prompts: list[list[int]]
         gone.cancel()
         pending.cancel()  # nothing, unless the request failed or timed out: then its rows stop decoding
     usage = _usage(prompts, {i: e.tokens for i, e in ends.items()})
+    served.metrics.add_usage(usage)
     rows = {row.index: row for row in pending.rows}
     if any(row.logprobs is not None or row.echo for row in rows.values()):  # token texts: tokenizer work
         return JSONResponse(await served.in_pool(reply.whole, ends, usage, rows, served.engine))
@@ -415,8 +419,10 @@ async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], inclu
                 yield sse(APIError(500, event.text, code="generation_failed").body())
                 break
         else:
+            usage = _usage(prompts, counts)
+            served.metrics.add_usage(usage)
             if include_usage:
-                yield reply.usage_chunk(_usage(prompts, counts))
+                yield reply.usage_chunk(usage)
         yield sse("[DONE]")
     finally:
         pending.cancel()
@@ -435,6 +441,7 @@ def build_app(served_model: ServedModel, settings: ServeSettings | None = None) 
 
     app = FastAPI(title="hfbridge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.served = served
+    app.add_middleware(MetricsMiddleware, metrics=served.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -479,6 +486,10 @@ def build_app(served_model: ServedModel, settings: ServeSettings | None = None) 
         check_request(served, req, len(req.prompts))
         prompts = [p if isinstance(p, list) else await served.in_pool(served.engine.encode, p) for p in req.prompts]
         return await answer(request, served, req, prompts, chat=False)
+
+    @app.get("/metrics", dependencies=keyed)
+    async def metrics():
+        return Response(served.metrics.render(served.batcher), media_type="text/plain; version=0.0.4")
 
     @app.get("/tokenizer_info", dependencies=keyed)
     async def tokenizer_info():
