@@ -69,8 +69,6 @@ MALFORMED = [
     (COMPLETIONS, json.dumps({"prompt": [10**6]}).encode(), 400, "token ids must lie in"),
     (COMPLETIONS, json.dumps({"prompt": [5] * 250, "max_tokens": 64}).encode(), 400, "context is 256 tokens"),
     (COMPLETIONS, json.dumps({"prompt": [5] * 300}).encode(), 400, "context is 256 tokens"),
-    (COMPLETIONS, json.dumps({"prompt": "a", "echo": True, "stream": True}).encode(), 400,
-     "not supported with stream"),
     (COMPLETIONS, json.dumps({"prompt": "a", "logprobs": True}).encode(), 400, "logprobs"),
     (COMPLETIONS, json.dumps({"prompt": "a", "logprobs": -1}).encode(), 400, "logprobs"),
     (COMPLETIONS, json.dumps({"prompt": "a", "suffix": "b"}).encode(), 400, "suffix is not supported"),

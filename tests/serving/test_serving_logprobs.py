@@ -72,17 +72,21 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(server, client, stop):
     assert [(p.token, p.logprob, [t.logprob for t in p.top_logprobs]) for p in pieces] == \
         [(p.token, p.logprob, [t.logprob for t in p.top_logprobs]) for p in whole.choices[0].logprobs.content]
 
-    body = {"prompt": [5, 17, 42, 9], "max_tokens": 10, "temperature": 0, "logprobs": 1, "stop": stop}
-    status, plain = post(server, "/v1/completions", body)
-    status, streamed = post(server, "/v1/completions", {**body, "stream": True})
-    assert status == 200
-    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for line in streamed.splitlines():
-        if line.startswith("data: {"):
-            logprobs = json.loads(line[6:])["choices"][0]["logprobs"]
-            for key in merged if logprobs else ():
-                merged[key] += logprobs[key]
-    assert merged == plain["choices"][0]["logprobs"]
+    for echo in (False, True):  # with echo the prompt (and its log-probabilities) comes first
+        body = {"prompt": [5, 17, 42, 9], "max_tokens": 10, "temperature": 0, "logprobs": 1, "stop": stop,
+                "echo": echo}
+        status, plain = post(server, "/v1/completions", body)
+        status, streamed = post(server, "/v1/completions", {**body, "stream": True})
+        assert status == 200
+        merged, text = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, ""
+        for line in streamed.splitlines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice["text"]
+                for key in merged if choice["logprobs"] else ():
+                    merged[key] += choice["logprobs"][key]
+        assert merged == plain["choices"][0]["logprobs"] and text == plain["choices"][0]["text"]
+        assert (merged["token_logprobs"][0] is None) == echo
 
 
 def test_completion_echo_gives_every_prompt_token_its_logprob(server):

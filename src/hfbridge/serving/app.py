@@ -399,6 +399,21 @@ async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], inclu
         offsets[event.index] = offsets.get(event.index, 0) + sum(len(t) for t in shaped["tokens"])
         return shaped
 
+    rows = {row.index: row for row in pending.rows}
+    echoing = {row.index for row in pending.rows if row.echo}
+
+    async def echo(index: int) -> str:
+        """The prompt chunk of an ``echo`` row, sent before its first new text (its prompt log-probabilities are
+        computed when its batch starts)."""
+        row = rows[index]
+        text = await served.in_pool(served.engine.decode, row.prompt)
+        logprobs = None
+        if row.logprobs is not None:
+            entries = [(row.prompt[0], None, [])] + [(t.token, t.logprob, t.top) for t in row.prompt_logprobs]
+            logprobs = await served.in_pool(_legacy_logprobs, served.engine, entries)
+            offsets[index] = sum(len(t) for t in logprobs["tokens"])
+        return reply.chunk(index, text, logprobs=logprobs)
+
     try:
         if reply.chat:
             for row in pending.rows:
@@ -409,6 +424,9 @@ async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], inclu
             except APIError as e:
                 yield sse(e.body())
                 break
+            if event.index in echoing and event.kind in ("delta", "end"):
+                echoing.discard(event.index)
+                yield await echo(event.index)
             if event.kind == "delta":
                 yield reply.chunk(event.index, event.text, logprobs=await shaped(event))
             elif event.kind == "end":

@@ -179,8 +179,6 @@ class _Sampling(_Strict):
         for name, bad in refused.items():
             if bad:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
-        if self.stream and getattr(self, "echo", False):
-            raise ValueError("echo is not supported with stream; ask for the whole answer")
         return self
 
     @property
