@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -262,26 +263,46 @@ class _Step:
 
 
 class PrefixStore:
-    """Keys and values of the last shared prompt prefix :func:`greedy_decode` computed, reused by later batches
-    whose rows start with (part of) it."""
+    """Keys and values of the last ``size`` shared prompt prefixes :func:`greedy_decode` computed (the least
+    recently used is dropped first; a prefix that extends a stored one replaces it), reused by later batches whose
+    rows start with (part of) one of them."""
 
-    def __init__(self):
-        self.ids: list[int] = []
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    def __init__(self, size: int = 1):
+        if size < 1:
+            raise ValueError(f"a prefix store holds at least 1 prefix, got {size}")
+        self.size = size
+        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    @property
+    def ids(self) -> list[int]:
+        """The most recently used prefix."""
+        return list(next(reversed(self.entries))) if self.entries else []
+
+    def longest(self, prefix: Sequence[int]) -> int:
+        """How many first tokens of ``prefix`` a stored prefix holds."""
+        return max((_common_prefix(ids, prefix) for ids in self.entries), default=0)
 
     def covering(self, step: _Step, prefix: list[int], device) -> list:
-        """Per layer, keys and values of ``prefix`` (computed now for what the stored prefix lacks)."""
-        have = _common_prefix(self.ids, prefix)
+        """Per layer, keys and values of ``prefix`` (computed now for what the best stored prefix lacks)."""
+        best = max(self.entries, key=lambda ids: _common_prefix(ids, prefix), default=())
+        have = _common_prefix(best, prefix)
+        kv = self.entries.get(best, [])
         if have < len(prefix):
-            cache = _SlotCache(step.layers, len(prefix), [(k[:, :, :have], v[:, :, :have]) for k, v in self.kv]
+            cache = _SlotCache(step.layers, len(prefix), [(k[:, :, :have], v[:, :, :have]) for k, v in kv]
                                if have else None, [0])
             new = torch.tensor([prefix[have:]], dtype=torch.long, device=device)
             positions = torch.arange(have, len(prefix), device=device)[None]
             allowed = torch.ones(len(prefix), len(prefix), dtype=torch.bool, device=device).tril()[None, have:]
             step(new, positions, allowed, cache, have)
-            self.ids = list(prefix)
-            self.kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return [(k[:, :, : len(prefix)], v[:, :, : len(prefix)]) for k, v in self.kv]
+            if have == len(best):  # the new prefix extends the stored one: it replaces it
+                self.entries.pop(best, None)
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            best = tuple(prefix)
+            self.entries[best] = kv
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(best)
+        return [(k[:, :, : len(prefix)], v[:, :, : len(prefix)]) for k, v in kv]
 
 
 class Steering:
@@ -361,7 +382,7 @@ def _prefill(step: _Step, store: PrefixStore, prompts: Sequence[Sequence[int]], 
     for p in prompts[1:]:
         shared = _common_prefix(prompts[0][:shared], p)
     if rows == 1:  # nothing shared within the batch: only reuse what the store has
-        shared = _common_prefix(store.ids, prompts[0][:shared])
+        shared = store.longest(prompts[0][:shared])
     seed = store.covering(step, list(prompts[0][:shared]), device) if shared else None
     tail = total - shared if shared else total  # the slots the batch forward computes: [total - tail, total)
     offsets = [total - n for n in lengths]

@@ -115,22 +115,36 @@ def test_a_request_joins_the_running_batch_and_ends_first(make_server, monkeypat
         assert results["short"][2] > results["long"][2]
 
 
-def test_the_shared_system_prompt_is_kept_across_batches(engine, monkeypatch):
-    """A batch whose rows share a system prompt computes it once and keeps it: a later request with the same
-    system prompt starts its forward after it, and still gets the answer ``model.generate`` gives."""
-    system = {"role": "system", "content": "You are a helpful assistant who answers in one short sentence."}
-    chats = [[system, {"role": "user", "content": text}] for text in ("What day is it?", "Name a colour.",
-                                                                      "Say hello to the fox.")]
-    engine.prefixes = generation.PrefixStore()
-    decode(engine, [(chats[0], 4, {}), (chats[1], 4, {})], fast=True)
-    shared = len(engine.prefixes.ids)
-    assert shared >= len(engine.encode([system])) - 2  # the system prompt (and the template around it)
-    starts = []
+def test_shared_system_prompts_are_kept_across_batches(engine, monkeypatch):
+    """Batches whose rows share a system prompt compute it once and keep it, for several system prompts: a later
+    request with either starts its forward after it, and still gets the answer ``model.generate`` gives."""
+    systems = [{"role": "system", "content": "You are a helpful assistant who answers in one short sentence."},
+               {"role": "system", "content": "Answer like a pirate would, with many words and much colour."}]
+    chats = [[[system, {"role": "user", "content": text}] for text in ("What day is it?", "Name a colour.",
+                                                                       "Say hello to the fox.")]
+             for system in systems]
+    from hfbridge.serving.engine import PREFIXES
+
+    engine.prefixes = generation.PrefixStore(PREFIXES)
+    shared = []
+    for chat in chats:  # two rows each: their shared prefix is computed once and stored
+        decode(engine, [(chat[0], 4, {}), (chat[1], 4, {})], fast=True)
+        shared.append(len(engine.prefixes.ids))
+        assert shared[-1] >= len(engine.encode([chat[0][0]])) - 2  # the system prompt (and the template around it)
+    assert len(engine.prefixes.entries) == 2
     forward = generation._Step.__call__
-    monkeypatch.setattr(generation._Step, "__call__", lambda self, *a: starts.append(a[-1]) or forward(self, *a))
-    later = decode(engine, [(chats[2], 6, {})], fast=True)
-    assert starts[0] == shared and 0 not in starts  # nothing recomputed from the first slot
-    assert later == decode(engine, [(chats[2], 6, {})], fast=False)
+    for chat, length in zip(chats, shared):
+        starts: list[int] = []
+
+        def spy(self, *a, starts=starts):
+            starts.append(a[-1])
+            return forward(self, *a)
+
+        monkeypatch.setattr(generation._Step, "__call__", spy)
+        later = decode(engine, [(chat[2], 6, {})], fast=True)
+        assert starts[0] == length and 0 not in starts  # nothing recomputed from the first slot
+        monkeypatch.setattr(generation._Step, "__call__", forward)
+        assert later == decode(engine, [(chat[2], 6, {})], fast=False)
 
 
 def test_no_row_joins_a_model_with_a_sliding_window(tmp_path, tiny_tokenizer, monkeypatch):

@@ -42,6 +42,8 @@ from hfbridge.models.loading import context_length
 
 log = logging.getLogger(__name__)
 
+PREFIXES = 8  # shared prompt prefixes the engine keeps (a few system prompts of a few hundred tokens: tens of MB)
+
 
 @dataclass
 class Event:
@@ -193,7 +195,7 @@ class Engine:
         self.generate_kwargs = dict(generate_kwargs or {})
         self.fast_greedy = fast_greedy  # False: every batch through model.generate (the reference the tests use)
         self.generate_calls = 0
-        self.prefixes = PrefixStore()  # the last shared prompt prefix (a system prompt), kept across batches
+        self.prefixes = PrefixStore(PREFIXES)  # shared prompt prefixes (system prompts), kept across batches
 
     @property
     def has_chat_template(self) -> bool:
