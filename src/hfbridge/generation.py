@@ -347,14 +347,13 @@ class _Rows:
         return (int(seen[0]) if len(seen) else self.at), self.at
 
 
-def _merge(a: _Rows, b: _Rows, slots: int) -> _Rows:
-    """``a``'s rows then ``b``'s in one cache of ``slots`` slots. Each keeps its keys in the same order, moved so
-    that both write their next token at the same slot; slots no row attends to are dropped (positions are each
-    row's own, so moving keys changes nothing they compute)."""
+def _merge(a: _Rows, b: _Rows, need: int) -> _Rows:
+    """``a``'s rows then ``b``'s in one cache with ``need`` slots after the next write. Each keeps its keys in the
+    same order, moved so that both write their next token at the same slot; slots no row attends to are dropped
+    (positions are each row's own, so moving keys changes nothing they compute)."""
     (a0, a1), (b0, b1) = a.used(), b.used()
     at = max(a1 - a0, b1 - b0)
-    if slots < at:
-        raise ValueError(f"{slots} slots cannot hold rows that have used {at}")
+    slots = at + need
     cache = _SlotCache(len(a.cache.layers), slots)
     for layer, la, lb in zip(cache.layers, a.cache.layers, b.cache.layers):
         for name in ("keys", "values"):
@@ -428,8 +427,6 @@ def greedy_decode(module, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     With ``more`` (continuous batching), before each step ``more(rows decoding now)`` gives prompts that join
     the batch, each with its own ``max_new_tokens``: their prompts' forward runs on their own, then they decode
     with the others (their ids follow the ones before; the returned list grows with them)."""
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("greedy_decode: every prompt needs at least one token")
     step = _Step(module)
     device = next(module.parameters()).device
     store = prefix_store if prefix_store is not None else PrefixStore()
@@ -461,14 +458,11 @@ def greedy_decode(module, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     while True:
         if more is not None:
             joining = more(len(rows.ids) if rows is not None else 0)
-            if joining:
-                new = start([p for p, _ in joining], [m for _, m in joining])
-                if rows is None or new is None:
-                    rows = new if rows is None else rows
-                else:
-                    need = max(limits[r] - len(out[r]) for r in rows.ids + new.ids)
-                    width = max(rows.used()[1] - rows.used()[0], new.used()[1] - new.used()[0])
-                    rows = _merge(rows, new, width + need)
+            new = start([p for p, _ in joining], [m for _, m in joining]) if joining else None
+            if new is not None and rows is not None:
+                rows = _merge(rows, new, max(limits[r] - len(out[r]) for r in rows.ids + new.ids))
+            elif new is not None:
+                rows = new
         if rows is None:
             return out
         at = rows.at
@@ -558,6 +552,8 @@ def generate_batched(
     store = prefix_store if prefix_store is not None else PrefixStore()
     was_training = model.training
     model.eval()
+    # rows join the last batch only under full attention: a joining row's length is not known here
+    joins = more if fast is not None and sliding_window(fast) is None else None
     order = sorted(range(len(items)), key=lambda i: lengths[i])
     results: list[list[int] | None] = [None] * len(items)
     try:
@@ -566,12 +562,10 @@ def generate_batched(
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_inputs([items[i] for i in idx]).items()}
             prompts = _left_padded_rows(inputs) if fast is not None else None
             steering = steer([items[i] for i in idx]) if steer is not None else None
-            # rows join the last batch only under full attention: a joining row's length is not known here
-            joinable = start + batch_size >= len(order) and fast is not None and sliding_window(fast) is None
             if prompts is not None:
                 new = greedy_decode(fast, prompts, max_new_tokens=max_new_tokens, stops=stops,
                                     pad_token_id=generate_kwargs["pad_token_id"], prefix_store=store,
-                                    steering=steering, more=more if joinable else None)
+                                    steering=steering, more=joins if start + batch_size >= len(order) else None)
             else:
                 steered = _steered_generate(steering) if steering is not None else {}
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs, **steered)

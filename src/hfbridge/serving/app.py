@@ -229,14 +229,12 @@ async def start_rows(served: Served, req, prompts: list[list[int]]) -> Pending:
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
     deadline = time.monotonic() + settings.request_timeout
     biases = req.biases
-    if any(not 0 <= t < served.engine.vocab_size for t in biases):
-        raise bad_request(f"logit_bias token ids must lie in [0, {served.engine.vocab_size})", param="logit_bias")
+    check_token_ids(served, biases, "logit_bias", "logit_bias token ids")
     rows = []
     for p, prompt in enumerate(prompts):
         if not prompt:
             raise bad_request("a prompt renders to no tokens", param="prompt")
-        if any(not 0 <= t < served.engine.vocab_size for t in prompt):
-            raise bad_request(f"token ids must lie in [0, {served.engine.vocab_size})", param="prompt")
+        check_token_ids(served, prompt, "prompt")
         max_tokens = resolve_tokens(req, prompt, served)
         rows += [Row(prompt, max_tokens, index=p * req.n + j, stops=req.stops, temperature=temperature,
                      top_p=top_p, seed=req.seed, stream=req.stream, deadline=deadline, logprobs=req.top_k_logprobs,
@@ -303,11 +301,16 @@ class Reply:
         return sse(self._object("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage))
 
 
+def _token_names(engine, logprobs: list[TokenLogprob]) -> dict[int, str]:
+    """Each token's own text, for the tokens of ``logprobs`` and their most likely alternatives."""
+    ids = [t.token for t in logprobs] + [i for t in logprobs for i, _ in t.top]
+    return dict(zip(ids, engine.token_texts(ids)))
+
+
 def _chat_logprobs(engine, logprobs: list[TokenLogprob]) -> list[dict]:
     """``choices[i].logprobs.content`` of a chat completion: each generated token, its log-probability and the
     most likely tokens at its step (token texts with their UTF-8 bytes)."""
-    texts = engine.token_texts([t.token for t in logprobs] + [i for t in logprobs for i, _ in t.top])
-    named = dict(zip([t.token for t in logprobs] + [i for t in logprobs for i, _ in t.top], texts))
+    named = _token_names(engine, logprobs)
 
     def entry(token: int, logprob: float) -> dict:
         return {"token": named[token], "logprob": logprob, "bytes": list(named[token].encode("utf-8"))}
@@ -316,34 +319,34 @@ def _chat_logprobs(engine, logprobs: list[TokenLogprob]) -> list[dict]:
 
 
 def _completion_logprobs(engine, row: Row) -> dict:
-    """``choices[i].logprobs`` of a (legacy) completion: token texts, their log-probabilities, the most likely
-    tokens at each position, and where each token's text starts in ``text``. With ``echo`` the prompt tokens come
-    first, the first of them without a log-probability (nothing precedes it)."""
-    entries: list[tuple[int, float | None, list]] = []
-    if row.echo:
-        entries.append((row.prompt[0], None, []))
-        entries += [(t.token, t.logprob, t.top) for t in row.prompt_logprobs]
-    return _legacy_logprobs(engine, entries + [(t.token, t.logprob, t.top) for t in row.token_logprobs])
+    """``choices[i].logprobs`` of a (legacy) completion; with ``echo`` the prompt tokens come first."""
+    return _legacy_logprobs(engine, (row.echoed_logprobs() if row.echo else []) + row.token_logprobs)
 
 
-def _legacy_logprobs(engine, entries: list[tuple[int, float | None, list]], start: int = 0) -> dict:
-    """OpenAI's legacy ``logprobs`` object of ``(token, logprob, top)`` entries, text offsets from ``start``."""
-    ids = [token for token, _, _ in entries]
-    texts = dict(zip(ids + [i for _, _, top in entries for i, _ in top],
-                     engine.token_texts(ids + [i for _, _, top in entries for i, _ in top])))
+def _legacy_logprobs(engine, logprobs: list[TokenLogprob], start: int = 0) -> dict:
+    """OpenAI's legacy ``logprobs`` object: token texts, their log-probabilities, the most likely tokens at each
+    position, and where each token's text starts in ``text`` (from ``start``)."""
+    texts = _token_names(engine, logprobs)
     offsets, at = [], start
-    for token in ids:
+    for t in logprobs:
         offsets.append(at)
-        at += len(texts[token])
+        at += len(texts[t.token])
+
     def ranked(top: list[tuple[int, float]]) -> dict[str, float]:
         named: dict[str, float] = {}
         for i, value in top:  # most likely first: tokens of the same text (partial bytes) keep the likelier
             named.setdefault(texts[i], value)
         return named
 
-    return {"tokens": [texts[t] for t in ids], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [None if lp is None else ranked(top) for _, lp, top in entries],
+    return {"tokens": [texts[t.token] for t in logprobs], "token_logprobs": [t.logprob for t in logprobs],
+            "top_logprobs": [None if t.logprob is None else ranked(t.top) for t in logprobs],
             "text_offset": offsets}
+
+
+def check_token_ids(served: Served, ids, param: str, what: str = "token ids") -> None:
+    """Token ids outside the served model's vocabulary are a 400 naming ``param``."""
+    if any(not 0 <= t < served.engine.vocab_size for t in ids):
+        raise bad_request(f"{what} must lie in [0, {served.engine.vocab_size})", param=param)
 
 
 def sse(payload: dict | str) -> str:
@@ -394,8 +397,7 @@ async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], inclu
             return None
         if reply.chat:
             return await served.in_pool(_chat_logprobs, served.engine, event.logprobs)
-        entries = [(t.token, t.logprob, t.top) for t in event.logprobs]
-        shaped = await served.in_pool(_legacy_logprobs, served.engine, entries, offsets.get(event.index, 0))
+        shaped = await served.in_pool(_legacy_logprobs, served.engine, event.logprobs, offsets.get(event.index, 0))
         offsets[event.index] = offsets.get(event.index, 0) + sum(len(t) for t in shaped["tokens"])
         return shaped
 
@@ -409,8 +411,7 @@ async def stream(pending: Pending, reply: Reply, prompts: list[list[int]], inclu
         text = await served.in_pool(served.engine.decode, row.prompt)
         logprobs = None
         if row.logprobs is not None:
-            entries = [(row.prompt[0], None, [])] + [(t.token, t.logprob, t.top) for t in row.prompt_logprobs]
-            logprobs = await served.in_pool(_legacy_logprobs, served.engine, entries)
+            logprobs = await served.in_pool(_legacy_logprobs, served.engine, row.echoed_logprobs())
             offsets[index] = sum(len(t) for t in logprobs["tokens"])
         return reply.chunk(index, text, logprobs=logprobs)
 
@@ -530,8 +531,7 @@ def build_app(served_model: ServedModel, settings: ServeSettings | None = None) 
     async def detokenize(request: Request):
         req = validate(DetokenizeRequest, await read_json(request, settings))
         check_model_name(served, req)
-        if any(not 0 <= t < served.engine.vocab_size for t in req.tokens):
-            raise bad_request(f"token ids must lie in [0, {served.engine.vocab_size})", param="tokens")
+        check_token_ids(served, req.tokens, "tokens")
         return {"prompt": await served.in_pool(served.engine.decode, req.tokens, False)}
 
     @app.post("/predict", dependencies=keyed)

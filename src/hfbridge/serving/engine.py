@@ -64,7 +64,7 @@ class TokenLogprob:
     the most likely tokens at its position with theirs, most likely first."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing precedes it)
     top: list[tuple[int, float]]
 
 
@@ -137,6 +137,17 @@ class Row:
         if not self.finished:
             self.finish_reason = "error"
             self.emit(Event("error", self.index, text=message))
+
+    def unsent_logprobs(self) -> list[TokenLogprob] | None:
+        """The log-probabilities not streamed yet, now counted as streamed (``None`` when none were asked)."""
+        if self.logprobs is None:
+            return None
+        new, self.logprobs_sent = self.token_logprobs[self.logprobs_sent:], len(self.token_logprobs)
+        return new
+
+    def echoed_logprobs(self) -> list[TokenLogprob]:
+        """The prompt's tokens as ``echo`` reports them: the first with no log-probability, then the rest."""
+        return [TokenLogprob(self.prompt[0], None, [])] + self.prompt_logprobs
 
     @property
     def adjusted(self) -> bool:
@@ -299,7 +310,7 @@ class _Batch(Steering):
                 tokens[k] = row.sample(scores)
             elif row.adjusted:
                 tokens[k] = scores.argmax()
-            if row.logprobs is not None and not row.finished:
+            if row.logprobs is not None:
                 row._picked = token_logprobs(torch.log_softmax(logits[k : k + 1], -1), tokens[k : k + 1],
                                              row.logprobs)[0]
         return tokens
@@ -337,22 +348,14 @@ class _Batch(Steering):
         if row.stream:
             safe = stable_prefix(text, row.stops)
             if len(safe) > len(row.sent) and safe.startswith(row.sent):
-                row.emit(Event("delta", row.index, text=safe[len(row.sent):], logprobs=self.unsent(row)))
+                row.emit(Event("delta", row.index, text=safe[len(row.sent):], logprobs=row.unsent_logprobs()))
                 row.sent = safe
-
-    @staticmethod
-    def unsent(row: Row) -> list[TokenLogprob] | None:
-        """A streaming row's log-probabilities not streamed yet (``None`` when it asked for none)."""
-        if row.logprobs is None:
-            return None
-        new, row.logprobs_sent = row.token_logprobs[row.logprobs_sent:], len(row.token_logprobs)
-        return new
 
     def finish(self, row: Row, reason: str, text: str | None = None) -> None:
         final = self.engine.decode(row.tokens) if text is None else text
         if row.stream and len(final) > len(row.sent) and final.startswith(row.sent):
-            row.emit(Event("delta", row.index, text=final[len(row.sent):], logprobs=self.unsent(row)))
+            row.emit(Event("delta", row.index, text=final[len(row.sent):], logprobs=row.unsent_logprobs()))
             row.sent = final
         row.text, row.finish_reason = final, reason
-        rest = self.unsent(row) if row.stream else None  # tokens whose text a stop string cut, say
+        rest = row.unsent_logprobs() if row.stream else None  # tokens whose text a stop string cut, say
         row.emit(Event("end", row.index, text=final, finish_reason=reason, tokens=len(row.tokens), logprobs=rest))
